@@ -1,0 +1,29 @@
+"""Everything a backend service uses: submitting, tailing, waiting, cancelling; the CLI."""
+
+from shared.errors import (
+    ConfigurationError,
+    InvalidRequest,
+    JobCancelled,
+    JobEnded,
+    JobFailed,
+    StreamfleetError,
+    UnknownJob,
+)
+from shared.models import Event, Result
+from shared.settings import Settings
+
+from .client import FleetClient
+
+__all__ = [
+    "ConfigurationError",
+    "Event",
+    "FleetClient",
+    "InvalidRequest",
+    "JobCancelled",
+    "JobEnded",
+    "JobFailed",
+    "Result",
+    "Settings",
+    "StreamfleetError",
+    "UnknownJob",
+]

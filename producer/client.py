@@ -1,0 +1,249 @@
+"""The Python client: submit, tail, wait for the result, cancel, ask for status.
+
+    async with FleetClient() as fleet:
+        job_id = await fleet.submit({"model": "gpt-4o-mini", "messages": [...]})
+        async for event in fleet.tail(job_id):
+            ...
+        result = await fleet.result(job_id, timeout=60)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared import connection, jobstream, jsonutil, keys, queue
+from shared.errors import InvalidRequest, JobCancelled, JobFailed, StreamfleetError, UnknownJob
+from shared.models import CANCELLED, DONE, ERROR, QUEUED, Event, Result, validate_request
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_CURSOR = re.compile(r"^\d+(-\d+)?$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+IDEMPOTENCY_TTL_SECONDS = 86_400
+READ_COUNT = 1000
+
+
+def _parse_cursor(after: str) -> tuple[int, int]:
+    if not _CURSOR.match(after):
+        raise InvalidRequest(f"invalid event id {after!r}: expected '0' or a stream id like '1700000000000-0'")
+    ms, _, seq = after.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def status_of(last: Event) -> str:
+    """A job's status from its last event."""
+    if last.terminal:
+        return last.type
+    return "queued" if last.type == QUEUED else "running"
+
+
+class FleetClient:
+    """A connection to the fleet, for backend services.
+
+    :param settings: the fleet's settings; read from the environment when omitted.
+    :param overrides: settings fields to override, e.g. ``redis_url="redis://..."``.
+    """
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        if settings is None:
+            settings = Settings(**overrides)
+        elif overrides:
+            settings = settings.model_copy(update=overrides)
+        self.settings = settings
+        self._redis: Redis | None = None
+        self._jobs: jobstream.JobStream | None = None
+
+    async def __aenter__(self) -> FleetClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def connect(self) -> None:
+        """Open the Redis connection pool (starting the embedded server if that is the setting)."""
+        if self._redis is None:
+            url = await asyncio.to_thread(connection.resolve_url, self.settings)
+            self._redis = connection.connect(url)
+            self._jobs = jobstream.JobStream(self._redis, ttl_seconds=self.settings.stream_ttl_seconds)
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+            self._jobs = None
+
+    @property
+    def redis(self) -> Redis:
+        if self._redis is None:
+            raise StreamfleetError("the client is not connected: use 'async with FleetClient() as fleet'")
+        return self._redis
+
+    @property
+    def jobs(self) -> jobstream.JobStream:
+        if self._jobs is None:
+            raise StreamfleetError("the client is not connected: use 'async with FleetClient() as fleet'")
+        return self._jobs
+
+    async def submit(
+        self,
+        request: dict[str, Any],
+        *,
+        endpoint: str = "chat.completions",
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Queue a generation; return its job id. Raises ``InvalidRequest`` before queuing anything.
+
+        :param request: the OpenAI request body; fields the fleet does not know pass through.
+        :param endpoint: ``"chat.completions"`` or ``"responses"``.
+        :param idempotency_key: the same key returns the same job id and runs one job.
+        """
+        validate_request(request, endpoint)
+        size = len(jsonutil.dumps(request))
+        if size > self.settings.max_request_bytes:
+            raise InvalidRequest(
+                f"the request is {size} bytes; the limit is {self.settings.max_request_bytes} "
+                "(STREAMFLEET_MAX_REQUEST_BYTES)"
+            )
+        if idempotency_key is not None and not (0 < len(idempotency_key) <= 256):
+            raise InvalidRequest("an idempotency key must be 1 to 256 characters")
+        job_id = "job_" + uuid.uuid4().hex
+        now_ms = int(time.time() * 1000)
+        queued = {"job_id": job_id, "endpoint": endpoint, "model": request["model"]}
+        submitted = await self.jobs.submit(
+            job_id,
+            queued,
+            queue.payload(endpoint=endpoint, request=request, enqueue_time_ms=now_ms),
+            arq_ttl_ms=queue.QUEUE_TTL_SECONDS * 1000,
+            score_ms=now_ms,
+            queue_ttl_seconds=queue.QUEUE_TTL_SECONDS + int(self.settings.job_timeout_seconds) * 3,
+            idempotency_key=idempotency_key,
+            idempotency_ttl_seconds=IDEMPOTENCY_TTL_SECONDS,
+        )
+        logger.info("job %s: queued (%s)", submitted, endpoint)
+        return submitted
+
+    async def last_event(self, job_id: str) -> Event:
+        """The job's most recent event; raises ``UnknownJob``."""
+        if not _JOB_ID.match(job_id):
+            raise UnknownJob(job_id)
+        entries = await self.redis.xrevrange(keys.events(job_id), count=1)
+        if not entries:
+            raise UnknownJob(job_id)
+        entry_id, fields = entries[0]
+        return jobstream.decode(entry_id, fields)
+
+    async def tail(self, job_id: str, *, after: str = "0") -> AsyncIterator[Event]:
+        """Yield the job's events after ``after`` (from the start by default), live, until the
+        terminal event. Raises ``UnknownJob`` at once for an id with no stream.
+
+        A Redis connection that drops is reopened with backoff; reading resumes after the last
+        event yielded, so nothing is missed or repeated.
+        """
+        cursor = after
+        position = _parse_cursor(after)
+        last = await self.last_event(job_id)
+        if last.terminal and _parse_cursor(last.id) <= position:
+            return
+        stream = keys.events(job_id)
+        delay = 0.05
+        while True:
+            try:
+                response = await self.redis.xread({stream: cursor}, count=READ_COUNT, block=connection.BLOCK_MS)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                logger.warning("tail %s: Redis connection lost (%s); retrying in %.2fs", job_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            if not response:
+                if not await self.redis.exists(stream):
+                    raise UnknownJob(job_id)
+                continue
+            for entry_id, fields in response[0][1]:
+                event = jobstream.decode(entry_id, fields)
+                cursor = event.id
+                yield event
+                if event.terminal:
+                    return
+
+    async def wait(self, job_id: str, *, timeout: float | None = None) -> Event:
+        """Wait for the job's terminal event and return it; ``TimeoutError`` after ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                last = await self.last_event(job_id)
+                if last.terminal:
+                    return last
+                async for event in self.tail(job_id, after=last.id):
+                    if event.terminal:
+                        return event
+        except TimeoutError:
+            raise TimeoutError(f"job {job_id} did not end within {timeout} s") from None
+        raise UnknownJob(job_id)  # the stream ended without a terminal event: it expired
+
+    async def result(self, job_id: str, *, timeout: float | None = None) -> Result:
+        """The ``Result`` of a ``done`` job, waiting for it to end.
+
+        Raises ``JobFailed`` or ``JobCancelled`` (carrying the terminal event's data) when the job
+        did not end in ``done``, ``TimeoutError`` after ``timeout`` seconds, ``UnknownJob`` at once.
+        """
+        event = await self.wait(job_id, timeout=timeout)
+        if event.type == DONE:
+            result: Result = event.data["result"]
+            return result
+        if event.type == ERROR:
+            raise JobFailed(job_id, event.data)
+        raise JobCancelled(job_id, event.data)
+
+    async def cancel(self, job_id: str) -> str:
+        """Cancel the job; idempotent. Returns at once; ``cancelled`` follows on the stream.
+
+        :returns: ``"cancelled"`` (it was still queued and has ended), ``"signalled"`` (its worker
+            ends it now) or ``"ended"`` (it had already ended).
+        """
+        if not _JOB_ID.match(job_id):
+            raise UnknownJob(job_id)
+        outcome = await self.jobs.cancel(job_id)
+        if outcome == "unknown":
+            raise UnknownJob(job_id)
+        logger.info("job %s: cancel %s", job_id, outcome)
+        return outcome
+
+    async def status(self, job_id: str | None = None) -> dict[str, Any]:
+        """A job's status (``{"id", "status", "result"?, "error"?}``), or the fleet's without an id."""
+        if job_id is not None:
+            last = await self.last_event(job_id)
+            status: dict[str, Any] = {"id": job_id, "status": status_of(last)}
+            if last.type == DONE:
+                status["result"] = last.data["result"]
+            elif last.type == ERROR:
+                status["error"] = last.data["error"]
+            elif last.type == CANCELLED:
+                status["partial"] = last.data.get("partial")
+            return status
+        workers = []
+        async for key in self.redis.scan_iter(match=keys.WORKER_PREFIX + "*", count=1000):
+            raw = await self.redis.get(key)
+            if raw:
+                workers.append(jsonutil.loads(raw))
+        running = sum(len(worker.get("running", [])) for worker in workers)
+        depth = await self.redis.zcard(keys.QUEUE)
+        return {
+            "queued": max(0, depth - running),
+            "running": running,
+            "workers": sorted(workers, key=lambda worker: str(worker.get("id"))),
+        }

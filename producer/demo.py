@@ -1,0 +1,160 @@
+"""``streamfleet demo``: the whole path on one machine, shown live, then everything stopped again.
+
+Starts the embedded server (unless one runs), the upstream simulator and a worker; submits one
+generation; shows it streaming to two subscribers side by side; prints the result and the timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import uvloop
+from rich.columns import Columns
+from rich.console import Console
+from rich.live import Live
+from rich.panel import Panel
+
+from shared import embedded
+from shared.accumulate import delta_text
+from shared.models import DELTA, DONE, RETRY
+from shared.settings import Settings
+
+from . import launch
+from .client import FleetClient
+
+PROMPT = "Explain in one paragraph how a streaming worker fleet moves tokens."
+TOKENS = 60
+TPS = 40
+
+
+@dataclass
+class Subscriber:
+    name: str
+    text: str = ""
+    first_token_at: float | None = None
+    deltas: int = 0
+    done: bool = False
+    events: list[str] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _wait_for_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _show(fleet: FleetClient, console: Console) -> int:
+    deadline = time.monotonic() + 15
+    while not (await fleet.status())["workers"]:
+        if time.monotonic() > deadline:
+            console.print("[red]the worker did not start[/red]")
+            return 1
+        await asyncio.sleep(0.05)
+
+    request = {
+        "model": "simulated-gpt",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "simulator": {"tokens": TOKENS, "tps": TPS},
+    }
+    submitted_at = time.monotonic()
+    job_id = await fleet.submit(request)
+    console.print(f"submitted job [bold]{job_id}[/bold]")
+    subscribers = [Subscriber("subscriber A"), Subscriber("subscriber B")]
+
+    def render() -> Columns:
+        return Columns(
+            [Panel(s.text or "[dim]waiting…[/dim]", title=s.name, width=48, height=12) for s in subscribers]
+        )
+
+    async def subscribe(subscriber: Subscriber) -> None:
+        async for event in fleet.tail(job_id):
+            subscriber.events.append(event.type)
+            if event.type == DELTA:
+                text = delta_text(event.data["chunk"])
+                if text and subscriber.first_token_at is None:
+                    subscriber.first_token_at = time.monotonic()
+                subscriber.text += text
+                subscriber.deltas += 1
+            elif event.type == RETRY:
+                subscriber.text = ""
+        subscriber.done = True
+
+    with Live(render(), console=console, refresh_per_second=20) as live:
+        tasks = [asyncio.create_task(subscribe(s)) for s in subscribers]
+        while not all(task.done() for task in tasks):
+            live.update(render())
+            await asyncio.sleep(0.05)
+        live.update(render())
+        for task in tasks:
+            task.result()
+    finished_at = time.monotonic()
+
+    terminal = await fleet.wait(job_id, timeout=5)
+    if terminal.type != DONE:
+        console.print(f"[red]job ended in {terminal.type}: {terminal.data}[/red]")
+        return 1
+    result = terminal.data["result"]
+    same = subscribers[0].text == subscribers[1].text == result["text"]
+    console.print(Panel(result["text"], title=f"result ({result['finish_reason']}, usage {result['usage']})"))
+    first = subscribers[0].first_token_at or finished_at
+    tokens = subscribers[0].deltas
+    console.print(
+        f"time to first token {1000 * (first - submitted_at):.1f} ms (simulator's own: 20 ms) · "
+        f"{tokens / max(finished_at - first, 1e-9):.1f} deltas/s · both subscribers saw the same text "
+        f"as the result: {'yes' if same else 'NO'}"
+    )
+    return 0 if same else 1
+
+
+def run_demo(settings: Settings) -> int:
+    """Run the demo; return the exit code."""
+    console = Console()
+    started_embedded = settings.uses_embedded_redis and embedded.running(settings.state_dir) is None
+    redis_url = embedded.ensure(settings.state_dir).url if settings.uses_embedded_redis else settings.redis_url
+    port = _free_port()
+    simulator = launch.spawn("simulator", "--port", str(port), "--tps", str(TPS))
+    worker = None
+    try:
+        _wait_for_port(port)
+        env = {"STREAMFLEET_REDIS_URL": redis_url, "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{port}/v1"}
+        worker = launch.spawn("worker", env=env)
+        fleet_settings = settings.model_copy(update={"redis_url": redis_url})
+
+        async def main() -> int:
+            async with FleetClient(fleet_settings) as fleet:
+                return await _show(fleet, console)
+
+        return uvloop.run(main())
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(simulator)
+        if started_embedded:
+            embedded.stop(settings.state_dir)
+            console.print("stopped the embedded server this demo started")

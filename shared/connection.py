@@ -1,0 +1,47 @@
+"""Opening Redis: the URL from the settings (or the embedded server), one way for every process."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis.asyncio import ConnectionPool, Redis
+
+from . import embedded
+from .errors import ConfigurationError
+from .settings import Settings
+
+SOCKET_TIMEOUT_S = 15.0
+"""Longer than any XREAD BLOCK we issue: a block longer than the socket timeout raises TimeoutError."""
+BLOCK_MS = 5_000
+"""How long a reader blocks in one XREAD before it checks on the job and blocks again."""
+
+
+def resolve_url(settings: Settings) -> str:
+    """The Redis URL to use: the configured one, or the embedded server's (started if need be)."""
+    if settings.uses_embedded_redis:
+        return embedded.ensure(settings.state_dir).url
+    scheme = urlsplit(settings.redis_url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigurationError(
+            f"STREAMFLEET_REDIS_URL must start with redis://, rediss:// or unix://, not {scheme or '(none)'}"
+        )
+    return settings.redis_url
+
+
+def pool(url: str, *, max_connections: int | None = None) -> ConnectionPool:
+    """A connection pool for ``url``; TLS connections check the server's hostname."""
+    options: dict[str, Any] = {
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": 5.0,
+        "health_check_interval": 30,
+        "max_connections": max_connections,
+    }
+    if url.startswith("rediss://"):
+        options["ssl_check_hostname"] = True
+    return ConnectionPool.from_url(url, **options)
+
+
+def connect(url: str, *, max_connections: int | None = None) -> Redis:
+    """A ``redis.asyncio.Redis`` with bytes responses."""
+    return Redis(connection_pool=pool(url, max_connections=max_connections))

@@ -1,0 +1,123 @@
+"""The job and event models both sides agree on (CONTRACT section 5).
+
+Requests are validated once, at submit, and then forwarded as the caller wrote them: unknown OpenAI
+fields pass through untouched. Events and results are plain dicts on the hot path; the types here
+describe them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import InvalidRequest
+
+Endpoint = Literal["chat.completions", "responses"]
+ENDPOINTS: Final[tuple[str, ...]] = ("chat.completions", "responses")
+UPSTREAM_PATHS: Final[dict[str, str]] = {"chat.completions": "/chat/completions", "responses": "/responses"}
+
+QUEUED: Final = "queued"
+STARTED: Final = "started"
+DELTA: Final = "delta"
+RETRY: Final = "retry"
+DONE: Final = "done"
+ERROR: Final = "error"
+CANCELLED: Final = "cancelled"
+TERMINAL_TYPES: Final = frozenset({DONE, ERROR, CANCELLED})
+
+ErrorType = Literal[
+    "upstream_error", "upstream_unreachable", "timeout", "invalid_request", "worker_lost", "internal"
+]
+
+
+class Error(TypedDict):
+    type: str
+    message: str
+    status: int | None
+    upstream: Any
+
+
+class ToolCall(TypedDict):
+    id: str | None
+    type: str
+    function: dict[str, str]
+
+
+class Result(TypedDict):
+    text: str
+    reasoning: str | None
+    refusal: str | None
+    tool_calls: list[ToolCall]
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+    completion: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of a job's stream. ``id`` is the Redis Stream entry id: the cursor to resume after."""
+
+    id: str
+    type: str
+    data: Any
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "data": self.data}
+
+
+def make_error(type: ErrorType, message: str, *, status: int | None = None, upstream: Any = None) -> Error:
+    return {"type": type, "message": message, "status": status, "upstream": upstream}
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str = Field(min_length=1)
+
+
+class ChatCompletionsRequest(BaseModel):
+    """The fields of a Chat Completions request that the fleet relies on; the rest pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    messages: list[_Message] = Field(min_length=1)
+    n: int | None = Field(default=None, ge=1)
+
+
+class ResponsesRequest(BaseModel):
+    """The fields of a Responses API request that the fleet relies on; the rest pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    input: str | list[Any] | None = None
+    instructions: str | None = None
+
+
+_REQUEST_MODELS: Final[dict[str, type[BaseModel]]] = {
+    "chat.completions": ChatCompletionsRequest,
+    "responses": ResponsesRequest,
+}
+
+
+def validate_request(request: Any, endpoint: str) -> dict[str, Any]:
+    """Check a request body for ``endpoint``; return it unchanged, or raise ``InvalidRequest``.
+
+    :param request: the OpenAI request body, as a dict.
+    :param endpoint: ``"chat.completions"`` or ``"responses"``.
+    """
+    if endpoint not in _REQUEST_MODELS:
+        raise InvalidRequest(f"unknown endpoint {endpoint!r}: use one of {', '.join(ENDPOINTS)}")
+    if not isinstance(request, dict):
+        raise InvalidRequest(f"the request must be a JSON object, not {type(request).__name__}")
+    try:
+        _REQUEST_MODELS[endpoint].model_validate(request)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "request"
+        raise InvalidRequest(f"invalid {endpoint} request: {where}: {first['msg']}") from None
+    return request

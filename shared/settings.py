@@ -1,0 +1,85 @@
+"""Settings: read once, at each entry point, and passed down.
+
+Every variable has the prefix ``STREAMFLEET_`` and may also come from a ``.env`` file. The names in
+CONTRACT section 4 are fixed; the rest tune the worker and the client. No other module reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+EMBEDDED = "embedded"
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "streamfleet"
+
+
+class Settings(BaseSettings):
+    """Everything a streamfleet process is told by its environment.
+
+    Secrets are ``SecretStr``: they never show in a ``repr`` or a log line.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMFLEET_",
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    redis_url: str = Field(
+        default=EMBEDDED,
+        description="Redis for the queue and the job streams; unset or 'embedded' for the embedded server.",
+    )
+    upstream_base_url: str = Field(
+        default="https://api.openai.com/v1",
+        validation_alias=AliasChoices("STREAMFLEET_UPSTREAM_BASE_URL", "OPENAI_BASE_URL", "upstream_base_url"),
+    )
+    upstream_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STREAMFLEET_UPSTREAM_API_KEY", "OPENAI_API_KEY", "upstream_api_key"),
+    )
+    gateway_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    stream_ttl_seconds: int = Field(default=3600, gt=0)
+
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    """Where the embedded server keeps its pidfile, address and log."""
+
+    # Worker tuning.
+    concurrency: int = Field(default=200, gt=0)
+    """Jobs one worker process runs at once."""
+    poll_delay_seconds: float = Field(default=0.05, gt=0)
+    """How often an idle worker asks the queue for jobs (arq's default is 0.5 s)."""
+    job_timeout_seconds: float = Field(default=600, gt=0)
+    """The whole deadline of one attempt of one job."""
+    connect_timeout_seconds: float = Field(default=10, gt=0)
+    read_timeout_seconds: float = Field(default=120, gt=0)
+    """Longest silence allowed from the upstream, before the first byte and between chunks."""
+
+    # Client tuning.
+    max_request_bytes: int = Field(default=1_000_000, gt=0)
+    """Largest request body accepted at submit."""
+
+    @field_validator("gateway_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _blank_is_embedded(cls, value: object) -> object:
+        return value if value else EMBEDDED
+
+    @property
+    def uses_embedded_redis(self) -> bool:
+        return self.redis_url == EMBEDDED

@@ -1,0 +1,102 @@
+"""Server-Sent Events parsing, on bytes, as the spec says and as providers actually send it.
+
+Written by hand rather than taken from httpx-sse because this is the hottest loop of the worker and
+because httpx-sse drops a last event that has no closing blank line (Azure's streams end that way)
+and decodes to text that we would only encode again: the worker stores each ``data`` payload's bytes
+as they came. Working on bytes also makes UTF-8 split across network reads a non-issue, since only
+ASCII CR and LF are looked for.
+
+Handled: ``data:`` lines joined with LF across a multi-line event, ``event:``, ``id:``, ``retry:``,
+comment lines (``: ping``, ``: OPENROUTER PROCESSING``), LF, CRLF and lone CR line ends, a space after
+the colon or none, and a final event flushed at end of stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One dispatched event. ``event`` is ``None`` when the stream named no type."""
+
+    data: bytes
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+
+
+class SSEParser:
+    """Incremental parser: ``feed`` it network reads, then ``close`` it at end of stream."""
+
+    __slots__ = ("_buffer", "_data", "_event", "_id", "_retry")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+        self._event: str | None = None
+        self._id: str | None = None
+        self._retry: int | None = None
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """Parse one network read; return the events it completed, in order."""
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in buffer:
+            # A CR at the very end may be the first half of a CRLF split across reads: keep it back.
+            held = buffer.endswith(b"\r")
+            if held:
+                buffer = buffer[:-1]
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            if held:
+                buffer += b"\r"
+        lines = buffer.split(b"\n")
+        self._buffer = lines.pop()
+        events: list[SSEEvent] = []
+        for line in lines:
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: flush a last line and a last event that had no closing blank line."""
+        events: list[SSEEvent] = []
+        rest, self._buffer = self._buffer.rstrip(b"\r"), b""
+        if rest:
+            event = self._line(rest)
+            if event is not None:
+                events.append(event)
+        event = self._line(b"")
+        if event is not None:
+            events.append(event)
+        return events
+
+    def _line(self, line: bytes) -> SSEEvent | None:
+        if not line:
+            return self._dispatch()
+        if line[0] == 0x3A:  # ":" starts a comment
+            return None
+        name, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"id":
+            if b"\0" not in value:
+                self._id = value.decode("utf-8", "replace")
+        elif name == b"retry" and value.isdigit():
+            self._retry = int(value)
+        return None
+
+    def _dispatch(self) -> SSEEvent | None:
+        if not self._data:
+            self._event = None
+            return None
+        data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        event = SSEEvent(data, self._event, self._id, self._retry)
+        self._data = []
+        self._event = None
+        self._retry = None
+        return event

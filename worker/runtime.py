@@ -1,0 +1,43 @@
+"""What every job of a worker process shares: built once at start, closed once at exit."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from shared.jobstream import JobStream
+from shared.settings import Settings
+
+from .cancel import Cancellations
+from .upstream import Upstream
+from .writer import StreamWriter
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: Redis
+    jobs: JobStream
+    writer: StreamWriter
+    upstream: Upstream
+    cancels: Cancellations
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+    @classmethod
+    def create(cls, settings: Settings, redis: Redis) -> Runtime:
+        return cls(
+            settings=settings,
+            redis=redis,
+            jobs=JobStream(redis, ttl_seconds=settings.stream_ttl_seconds),
+            writer=StreamWriter(redis),
+            upstream=Upstream(settings),
+            cancels=Cancellations(redis),
+        )
+
+    async def aclose(self) -> None:
+        await self.cancels.aclose()
+        await self.upstream.aclose()

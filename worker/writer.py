@@ -1,0 +1,80 @@
+"""Publishing deltas: every job's XADDs, coalesced into one pipeline per event-loop turn.
+
+A job hands its delta to ``append`` and goes back to reading its socket. The first append of a turn
+schedules a flush with ``call_soon``; every append made before it runs (by any job whose socket had
+data in the same turn) joins the same pipeline. There is no timer: when idle a delta leaves at once,
+under load the batches grow by themselves. Flushes run one at a time, so each stream's entries keep
+their order, and what a job appends after its deltas lands after them.
+
+XADD uses NOMKSTREAM: a late write to a stream that has ended and expired must not recreate it
+without a TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+
+from shared.jobstream import Fields
+
+logger = logging.getLogger(__name__)
+
+BACKLOG_LIMIT = 20_000
+"""Entries waiting to be written beyond which appending jobs wait for Redis (backpressure)."""
+
+
+class StreamWriter:
+    """Coalesces XADDs from every job of this worker process.
+
+    :param redis: the client whose pool the flushes use.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._batch: list[tuple[str, Fields]] = []
+        self._batch_done: asyncio.Future[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.entries_written = 0
+        self.batches_written = 0
+
+    @property
+    def backlog(self) -> int:
+        return len(self._batch)
+
+    def append(self, stream: str, fields: Fields) -> asyncio.Future[None]:
+        """Queue one entry; the returned future completes when its batch is in Redis."""
+        self._batch.append((stream, fields))
+        if self._batch_done is None:
+            loop = asyncio.get_running_loop()
+            self._batch_done = loop.create_future()
+            if self._flusher is None:
+                self._flusher = loop.create_task(self._flush())
+        return self._batch_done
+
+    async def _flush(self) -> None:
+        try:
+            while self._batch:
+                batch, done = self._batch, self._batch_done
+                self._batch, self._batch_done = [], None
+                assert done is not None
+                try:
+                    pipe = self._redis.pipeline(transaction=False)
+                    for stream, fields in batch:
+                        pipe.execute_command("XADD", stream, "NOMKSTREAM", "*", *_flat(fields))
+                    await pipe.execute(raise_on_error=False)
+                except Exception as exc:
+                    logger.warning("writing %d entries failed: %s", len(batch), exc)
+                    done.set_exception(exc)
+                    done.exception()  # retrieved: every waiter still gets it, nobody else is told
+                else:
+                    self.entries_written += len(batch)
+                    self.batches_written += 1
+                    done.set_result(None)
+        finally:
+            self._flusher = None
+
+
+def _flat(fields: Fields) -> list[bytes]:
+    return [part for pair in fields.items() for part in pair]
