@@ -85,8 +85,10 @@ class TextPrinter:
                 sys.stdout.flush()
         elif event.type == RETRY and self.attempt_text:
             error = event.data.get("error") or {}
-            typer.echo(f"\n[attempt {event.data.get('attempt')} failed ({error.get('message')}); starting again]",
-                       err=True)
+            typer.echo(
+                f"\n[attempt {event.data.get('attempt')} failed ({error.get('message')}); starting again]",
+                err=True,
+            )
             self.attempt_text = False
         elif event.terminal:
             if self.attempt_text:
@@ -127,7 +129,8 @@ def submit(
     prompt: Annotated[str | None, typer.Argument(help="The user message.")] = None,
     model: Annotated[str | None, typer.Option(help="Model name (default gpt-4o-mini).")] = None,
     request: Annotated[
-        Path | None, typer.Option("--request", help="A whole OpenAI request body: a JSON file, or - for stdin.")
+        Path | None,
+        typer.Option("--request", help="A whole OpenAI request body: a JSON file, or - for stdin."),
     ] = None,
     endpoint: Annotated[str, typer.Option(help="chat.completions or responses.")] = "chat.completions",
     idempotency_key: Annotated[str | None, typer.Option(help="The same key returns the same job.")] = None,
@@ -192,7 +195,9 @@ def cancel(job: Annotated[str, typer.Argument(help="The job id.")]) -> None:
 
 
 @app.command()
-def status(job: Annotated[str | None, typer.Argument(help="A job id; the fleet's status without.")] = None) -> None:
+def status(
+    job: Annotated[str | None, typer.Argument(help="A job id; the fleet's status without.")] = None,
+) -> None:
     """A job's state, or the fleet's: queue depth, live workers, running jobs."""
     state = run(lambda fleet: fleet.status(job))
     typer.echo(orjson.dumps(state, option=orjson.OPT_INDENT_2).decode())

@@ -1,10 +1,10 @@
 """The Python client: submit, tail, wait for the result, cancel, ask for status.
 
-    async with FleetClient() as fleet:
-        job_id = await fleet.submit({"model": "gpt-4o-mini", "messages": [...]})
-        async for event in fleet.tail(job_id):
-            ...
-        result = await fleet.result(job_id, timeout=60)
+async with FleetClient() as fleet:
+    job_id = await fleet.submit({"model": "gpt-4o-mini", "messages": [...]})
+    async for event in fleet.tail(job_id):
+        ...
+    result = await fleet.result(job_id, timeout=60)
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ READ_COUNT = 1000
 
 def _parse_cursor(after: str) -> tuple[int, int]:
     if not _CURSOR.match(after):
-        raise InvalidRequest(f"invalid event id {after!r}: expected '0' or a stream id like '1700000000000-0'")
+        raise InvalidRequest(
+            f"invalid event id {after!r}: expected '0' or a stream id like '1700000000000-0'"
+        )
     ms, _, seq = after.partition("-")
     return int(ms), int(seq or 0)
 
@@ -163,7 +165,9 @@ class FleetClient:
         delay = 0.05
         while True:
             try:
-                response = await self.redis.xread({stream: cursor}, count=READ_COUNT, block=connection.BLOCK_MS)
+                response = await self.redis.xread(
+                    {stream: cursor}, count=READ_COUNT, block=connection.BLOCK_MS
+                )
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 logger.warning("tail %s: Redis connection lost (%s); retrying in %.2fs", job_id, exc, delay)
                 await asyncio.sleep(delay)

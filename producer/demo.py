@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 
 import uvloop
-from rich.columns import Columns
 from rich.console import Console
 from rich.live import Live
 from rich.panel import Panel
+from rich.table import Table
 
 from shared import embedded
 from shared.accumulate import delta_text
@@ -87,10 +87,17 @@ async def _show(fleet: FleetClient, console: Console) -> int:
     console.print(f"submitted job [bold]{job_id}[/bold]")
     subscribers = [Subscriber("subscriber A"), Subscriber("subscriber B")]
 
-    def render() -> Columns:
-        return Columns(
-            [Panel(s.text or "[dim]waiting…[/dim]", title=s.name, width=48, height=12) for s in subscribers]
+    def render() -> Table:
+        grid = Table.grid(expand=True, padding=(0, 1))
+        for _ in subscribers:
+            grid.add_column(ratio=1)
+        grid.add_row(
+            *(
+                Panel(s.text or "[dim]waiting…[/dim]", title=f"{s.name} · {s.deltas} deltas")
+                for s in subscribers
+            )
         )
+        return grid
 
     async def subscribe(subscriber: Subscriber) -> None:
         async for event in fleet.tail(job_id):
@@ -114,6 +121,7 @@ async def _show(fleet: FleetClient, console: Console) -> int:
         for task in tasks:
             task.result()
     finished_at = time.monotonic()
+    console.print()
 
     terminal = await fleet.wait(job_id, timeout=5)
     if terminal.type != DONE:
@@ -136,13 +144,18 @@ def run_demo(settings: Settings) -> int:
     """Run the demo; return the exit code."""
     console = Console()
     started_embedded = settings.uses_embedded_redis and embedded.running(settings.state_dir) is None
-    redis_url = embedded.ensure(settings.state_dir).url if settings.uses_embedded_redis else settings.redis_url
+    redis_url = (
+        embedded.ensure(settings.state_dir).url if settings.uses_embedded_redis else settings.redis_url
+    )
     port = _free_port()
     simulator = launch.spawn("simulator", "--port", str(port), "--tps", str(TPS))
     worker = None
     try:
         _wait_for_port(port)
-        env = {"STREAMFLEET_REDIS_URL": redis_url, "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{port}/v1"}
+        env = {
+            "STREAMFLEET_REDIS_URL": redis_url,
+            "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{port}/v1",
+        }
         worker = launch.spawn("worker", env=env)
         fleet_settings = settings.model_copy(update={"redis_url": redis_url})
 

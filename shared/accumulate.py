@@ -301,7 +301,8 @@ def delta_text(chunk: Any) -> str:
                 return content
             if isinstance(content, list):
                 return "".join(
-                    str(part.get("text") or "") for part in content
+                    str(part.get("text") or "")
+                    for part in content
                     if isinstance(part, dict) and part.get("type") == "text"
                 )
     return ""

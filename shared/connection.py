@@ -43,5 +43,5 @@ def pool(url: str, *, max_connections: int | None = None) -> ConnectionPool:
 
 
 def connect(url: str, *, max_connections: int | None = None) -> Redis:
-    """A ``redis.asyncio.Redis`` with bytes responses."""
-    return Redis(connection_pool=pool(url, max_connections=max_connections))
+    """A ``redis.asyncio.Redis`` with bytes responses; closing it closes its pool."""
+    return Redis.from_pool(pool(url, max_connections=max_connections))

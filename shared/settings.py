@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     )
     upstream_base_url: str = Field(
         default="https://api.openai.com/v1",
-        validation_alias=AliasChoices("STREAMFLEET_UPSTREAM_BASE_URL", "OPENAI_BASE_URL", "upstream_base_url"),
+        validation_alias=AliasChoices(
+            "STREAMFLEET_UPSTREAM_BASE_URL", "OPENAI_BASE_URL", "upstream_base_url"
+        ),
     )
     upstream_api_key: SecretStr | None = Field(
         default=None,

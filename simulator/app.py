@@ -155,7 +155,9 @@ class Simulator:
         def chunk(choice: int, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             data = {
                 **envelope,
-                "choices": [{"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                "choices": [
+                    {"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                ],
             }
             if include_usage:
                 data["usage"] = None
@@ -233,15 +235,23 @@ class Simulator:
                 item={**message, "status": "in_progress", "content": []},
             )
             part = {"type": "output_text", "text": "", "annotations": []}
-            yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=part)
+            yield event(
+                "response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=part
+            )
             start = time.monotonic()
             for position, token in enumerate(tokens):
                 if position:
                     await asyncio.sleep(max(0.0, start + position * interval - time.monotonic()))
                 yield event(
-                    "response.output_text.delta", item_id=item_id, output_index=0, content_index=0, delta=token
+                    "response.output_text.delta",
+                    item_id=item_id,
+                    output_index=0,
+                    content_index=0,
+                    delta=token,
                 )
-            yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=full)
+            yield event(
+                "response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=full
+            )
             yield event(
                 "response.content_part.done",
                 item_id=item_id,

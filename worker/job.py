@@ -35,7 +35,9 @@ async def generate(ctx: dict[str, Any], *, endpoint: str, request: dict[str, Any
 
 
 class Attempt:
-    def __init__(self, runtime: Runtime, job_id: str, attempt: int, endpoint: str, request: dict[str, Any]) -> None:
+    def __init__(
+        self, runtime: Runtime, job_id: str, attempt: int, endpoint: str, request: dict[str, Any]
+    ) -> None:
         self.runtime = runtime
         self.job_id = job_id
         self.attempt = attempt
@@ -76,7 +78,11 @@ class Attempt:
         await runtime.jobs.end(job_id, kind, data)
         logger.info(
             "job %s: %s after %d deltas in %.3fs (attempt %d)",
-            job_id, kind, self.deltas, time.monotonic() - started, self.attempt,
+            job_id,
+            kind,
+            self.deltas,
+            time.monotonic() - started,
+            self.attempt,
         )
 
     async def _stream(self) -> tuple[str, dict[str, Any]]:

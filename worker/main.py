@@ -68,6 +68,7 @@ async def serve(settings: Settings, *, concurrency: int | None = None, burst: bo
             await beating
         await runtime.aclose()
         await redis.aclose()
+        await redis.connection_pool.disconnect()
         logger.info("worker %s: stopped", runtime.worker_id)
 
 
@@ -75,4 +76,5 @@ def run(settings: Settings, *, concurrency: int | None = None, burst: bool = Fal
     """Entry point: a uvloop event loop running ``serve``."""
     # arq logs each job's arguments at INFO, and they are request bodies: keep arq to warnings.
     logging.getLogger("arq").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the job lines
     uvloop.run(serve(settings, concurrency=concurrency, burst=burst))

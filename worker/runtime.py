@@ -25,7 +25,9 @@ class Runtime:
     writer: StreamWriter
     upstream: Upstream
     cancels: Cancellations
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    )
 
     @classmethod
     def create(cls, settings: Settings, redis: Redis) -> Runtime:

@@ -38,8 +38,11 @@ class UpstreamError(Exception):
 class UpstreamHTTPError(UpstreamError):
     def __init__(self, status: int, body: Any, retry_after: float | None) -> None:
         message = _message_of(body) or f"HTTP {status}"
-        super().__init__(make_error("upstream_error", f"upstream answered {status}: {message}",
-                                    status=status, upstream=body))
+        super().__init__(
+            make_error(
+                "upstream_error", f"upstream answered {status}: {message}", status=status, upstream=body
+            )
+        )
         self.status = status
         self.retry_after = retry_after
         self.retryable = status in RETRYABLE_STATUS or status >= 500
@@ -65,7 +68,7 @@ def _message_of(body: Any) -> str | None:
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
+            return str(error["message"])
         if isinstance(error, str):
             return error
         if isinstance(body.get("message"), str):
@@ -101,8 +104,11 @@ def stream_error(event: SSEEvent, chunk: Any) -> UpstreamStreamError | None:
         return None
     error = body.get("error") if isinstance(body.get("error"), dict) else body
     status = next(
-        (value for value in (error.get("status_code"), error.get("code"), error.get("status"))
-         if isinstance(value, int) and 400 <= value < 600),
+        (
+            value
+            for value in (error.get("status_code"), error.get("code"), error.get("status"))
+            if isinstance(value, int) and 400 <= value < 600
+        ),
         None,
     )
     message = _message_of(body) or str(error.get("message") or error.get("type") or "error in stream")
@@ -147,7 +153,9 @@ class Upstream:
             # The fleet's result carries usage; OpenAI sends it only when asked.
             body["stream_options"] = {"include_usage": True}
         try:
-            async with self._client.stream("POST", UPSTREAM_PATHS[endpoint], content=jsonutil.dumps(body)) as response:
+            async with self._client.stream(
+                "POST", UPSTREAM_PATHS[endpoint], content=jsonutil.dumps(body)
+            ) as response:
                 if response.status_code >= 300:
                     raw = await response.aread()
                     try:
@@ -157,11 +165,17 @@ class Upstream:
                     raise UpstreamHTTPError(response.status_code, error_body, _retry_after(response))
                 yield _events(response)
         except httpx.ConnectError as exc:
-            raise UpstreamUnreachable(make_error("upstream_unreachable", f"cannot connect to the upstream: {exc}")) from exc
+            raise UpstreamUnreachable(
+                make_error("upstream_unreachable", f"cannot connect to the upstream: {exc}")
+            ) from exc
         except httpx.ConnectTimeout as exc:
-            raise UpstreamUnreachable(make_error("upstream_unreachable", "connecting to the upstream timed out")) from exc
+            raise UpstreamUnreachable(
+                make_error("upstream_unreachable", "connecting to the upstream timed out")
+            ) from exc
         except httpx.ReadTimeout as exc:
-            raise UpstreamTimeout(make_error("timeout", "the upstream sent nothing within the read timeout")) from exc
+            raise UpstreamTimeout(
+                make_error("timeout", "the upstream sent nothing within the read timeout")
+            ) from exc
         except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
             raise UpstreamCut(make_error("upstream_error", f"the upstream stream broke off: {exc}")) from exc
 

