@@ -22,7 +22,7 @@ from .models import Result, ToolCall
 class Accumulator(Protocol):
     """What the worker needs from an accumulator."""
 
-    def add(self, chunk: Any) -> None: ...
+    def add(self, chunk: Any, event: str | None = None) -> None: ...
 
     def result(self) -> Result: ...
 
@@ -30,6 +30,10 @@ class Accumulator(Protocol):
 def accumulator_for(endpoint: str) -> Accumulator:
     """A fresh accumulator for one attempt against ``endpoint``."""
     return ResponsesAccumulator() if endpoint == "responses" else ChatAccumulator()
+
+
+_TEXT_FIELDS = frozenset({"refusal", "reasoning_content", "reasoning"})
+"""Delta fields whose string pieces are concatenated; every other field keeps its last value."""
 
 
 def _concat(current: str | None, piece: Any) -> str | None:
@@ -41,35 +45,39 @@ def _concat(current: str | None, piece: Any) -> str | None:
 class _Choice:
     """One choice being assembled from its deltas."""
 
-    __slots__ = ("finish_reason", "index", "logprobs", "message", "reasoning", "tool_calls")
+    __slots__ = ("extra", "finish_reason", "index", "logprobs", "message", "thinking", "tool_calls")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
         self.tool_calls: list[dict[str, Any]] = []
-        self.reasoning: str | None = None
+        self.thinking: str | None = None
         self.finish_reason: str | None = None
         self.logprobs: dict[str, Any] | None = None
+        self.extra: dict[str, Any] = {}
 
     def add(self, choice: dict[str, Any]) -> None:
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            self._merge_delta(delta)
-        if choice.get("finish_reason") is not None:
-            self.finish_reason = choice["finish_reason"]
-        logprobs = choice.get("logprobs")
-        if isinstance(logprobs, dict):
-            self._merge_logprobs(logprobs)
+        for key, value in choice.items():
+            if key == "delta":
+                if isinstance(value, dict):
+                    self._merge_delta(value)
+            elif key == "logprobs":
+                if isinstance(value, dict):
+                    self._merge_logprobs(value)
+            elif key == "finish_reason":
+                # Some providers send it twice, or null after it: the last real one counts.
+                if value is not None:
+                    self.finish_reason = value
+            elif key != "index" and (value is not None or key not in self.extra):
+                self.extra[key] = value  # e.g. native_finish_reason, content_filter_results
 
     def _merge_delta(self, delta: dict[str, Any]) -> None:
         message = self.message
         for key, value in delta.items():
             if key == "content":
                 self._merge_content(value)
-            elif key in ("refusal", "reasoning_content", "reasoning"):
+            elif key in _TEXT_FIELDS:
                 message[key] = _concat(message.get(key), value)
-                if key != "refusal":
-                    self.reasoning = _concat(self.reasoning, value)
             elif key == "reasoning_details" and isinstance(value, list):
                 message.setdefault("reasoning_details", []).extend(value)
             elif key == "tool_calls" and isinstance(value, list):
@@ -80,8 +88,8 @@ class _Choice:
                 legacy = message.setdefault("function_call", {"name": "", "arguments": ""})
                 legacy["name"] = _merge_name(legacy["name"], value.get("name"))
                 legacy["arguments"] = _concat(legacy["arguments"], value.get("arguments")) or ""
-            elif value is not None:
-                message[key] = value
+            elif value is not None or key not in message:
+                message[key] = value  # role, channel, audio...: the last value, never concatenated
 
     def _merge_content(self, value: Any) -> None:
         if isinstance(value, str):
@@ -96,7 +104,19 @@ class _Choice:
                 elif part.get("type") == "thinking":
                     for thought in part.get("thinking") or []:
                         if isinstance(thought, dict):
-                            self.reasoning = _concat(self.reasoning, thought.get("text"))
+                            self.thinking = _concat(self.thinking, thought.get("text"))
+                            self.message["thinking"] = self.thinking
+
+    def reasoning(self) -> str | None:
+        """The reasoning text, from whichever field the provider used (they never mean different text)."""
+        for key in ("reasoning_content", "reasoning"):
+            if self.message.get(key):
+                return str(self.message[key])
+        if self.thinking:
+            return self.thinking
+        details = self.message.get("reasoning_details") or []
+        text = "".join(str(d.get("text") or "") for d in details if isinstance(d, dict))
+        return text or None
 
     def _merge_tool_call(self, call: dict[str, Any]) -> None:
         target = self._tool_call_slot(call)
@@ -139,14 +159,13 @@ class _Choice:
     def as_dict(self) -> dict[str, Any]:
         message = dict(self.message)
         if self.tool_calls:
-            message["tool_calls"] = [
-                {key: value for key, value in call.items() if key != "index"} for call in self.tool_calls
-            ]
+            message["tool_calls"] = [dict(call) for call in self.tool_calls]
         return {
             "index": self.index,
             "message": message,
             "finish_reason": self.finish_reason,
             "logprobs": self.logprobs,
+            **self.extra,
         }
 
 
@@ -157,6 +176,12 @@ def _merge_name(current: str, piece: Any) -> str:
     return current + piece
 
 
+_PER_CHUNK = frozenset({"choices", "usage", "object", "obfuscation", "error"})
+"""Chunk fields that are not part of the completion's envelope."""
+_LATEST = frozenset({"system_fingerprint", "moderation", "service_tier"})
+"""Envelope fields where the last non-null value counts, as in the SDK's accumulator."""
+
+
 class ChatAccumulator:
     """Builds a ``chat.completion`` and the ``Result`` from Chat Completions chunks."""
 
@@ -165,14 +190,18 @@ class ChatAccumulator:
         self.choices: dict[int, _Choice] = {}
         self.usage: dict[str, Any] | None = None
 
-    def add(self, chunk: Any) -> None:
+    def add(self, chunk: Any, event: str | None = None) -> None:
+        """Merge one chunk. ``event`` (the SSE event name) is not used by Chat Completions."""
         if not isinstance(chunk, dict):
             return
         for key, value in chunk.items():
-            if key in ("choices", "usage", "object"):
+            if key in _PER_CHUNK:
                 continue
-            # The first non-empty value wins: Azure's first chunk has an empty id and model.
-            if key not in self.envelope or (value and not self.envelope[key]):
+            if key in _LATEST:
+                if value is not None or key not in self.envelope:
+                    self.envelope[key] = value
+            elif key not in self.envelope or (value and not self.envelope[key]):
+                # The first non-empty value wins: Azure's first chunk has an empty id and model.
                 self.envelope[key] = value
         if chunk.get("usage") is not None:
             self.usage = chunk["usage"]
@@ -208,7 +237,7 @@ class ChatAccumulator:
         ]
         return {
             "text": first.message.get("content") or "",
-            "reasoning": first.reasoning,
+            "reasoning": first.reasoning(),
             "refusal": first.message.get("refusal"),
             "tool_calls": tool_calls,
             "finish_reason": first.finish_reason,
@@ -242,10 +271,11 @@ class ResponsesAccumulator:
         self.refusal: str | None = None
         self.items: dict[int, dict[str, Any]] = {}
 
-    def add(self, chunk: Any) -> None:
+    def add(self, chunk: Any, event: str | None = None) -> None:
+        """Merge one event; its type is the chunk's ``type``, else the SSE event name."""
         if not isinstance(chunk, dict):
             return
-        kind = chunk.get("type")
+        kind = chunk.get("type") or event
         if kind == "response.output_text.delta":
             self.text += chunk.get("delta") or ""
         elif kind in ("response.reasoning_text.delta", "response.reasoning_summary_text.delta"):

@@ -87,6 +87,7 @@ class Attempt:
 
     async def _stream(self) -> tuple[str, dict[str, Any]]:
         writer = self.runtime.writer
+        failure: UpstreamError | None = None
         try:
             async with self.runtime.upstream.open(self.endpoint, self.request) as events:
                 async for event in events:
@@ -100,14 +101,16 @@ class Attempt:
                         ) from None
                     self.pending = writer.append(self.stream, encode_delta(self.attempt, event.data))
                     self.deltas += 1
-                    failure = stream_error(event, chunk)
-                    if failure is not None:
-                        raise failure
-                    self.accumulator.add(chunk)
+                    self.accumulator.add(chunk, event.event)
+                    # An error inside the stream is final, but what the upstream sends after it
+                    # (OpenAI's response.failed) is still published: the job ends when the stream does.
+                    failure = failure or stream_error(event, chunk)
                     if writer.backlog > BACKLOG_LIMIT:
                         await self.pending
         except UpstreamError as exc:
-            return ERROR, {"error": exc.error, "partial": self._partial()}
+            failure = failure or exc
+        if failure is not None:
+            return ERROR, {"error": failure.error, "partial": self._partial()}
         return DONE, {"result": self.accumulator.result()}
 
     def _partial(self) -> Any:
