@@ -163,8 +163,8 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "terminal": DONE,
         "finish_reason": "stop",
         "usage_total": 44,
-        "text": "I'm unable to provide real-time weather updates. To get the current weather in San Francisco, "
-        "I recommend checking a reliable weather website or a weather app.",
+        "text": "I'm unable to provide real-time weather updates. To get the current weather in San "
+        "Francisco, I recommend checking a reliable weather website or a weather app.",
     },
     "openai-chat-gpt4o-refusal-deltas.sse": {
         "terminal": DONE,
