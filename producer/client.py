@@ -22,10 +22,12 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import connection, jobstream, jsonutil, keys, queue
+from shared import connection, jsonutil, keys, queue
 from shared.errors import InvalidRequest, JobCancelled, JobFailed, StreamfleetError, UnknownJob
+from shared.jobstream import StreamDecoder, parse_id
 from shared.models import CANCELLED, DONE, ERROR, QUEUED, Event, Result, validate_request
 from shared.settings import Settings
+from shared.transitions import JobStream
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class FleetClient:
             settings = settings.model_copy(update=overrides)
         self.settings = settings
         self._redis: Redis | None = None
-        self._jobs: jobstream.JobStream | None = None
+        self._jobs: JobStream | None = None
 
     async def __aenter__(self) -> FleetClient:
         await self.connect()
@@ -81,7 +83,7 @@ class FleetClient:
         if self._redis is None:
             url = await asyncio.to_thread(connection.resolve_url, self.settings)
             self._redis = connection.connect(url)
-            self._jobs = jobstream.JobStream(self._redis, ttl_seconds=self.settings.stream_ttl_seconds)
+            self._jobs = JobStream(self._redis, ttl_seconds=self.settings.stream_ttl_seconds)
 
     async def aclose(self) -> None:
         if self._redis is not None:
@@ -96,7 +98,7 @@ class FleetClient:
         return self._redis
 
     @property
-    def jobs(self) -> jobstream.JobStream:
+    def jobs(self) -> JobStream:
         if self._jobs is None:
             raise StreamfleetError("the client is not connected: use 'async with FleetClient() as fleet'")
         return self._jobs
@@ -143,11 +145,11 @@ class FleetClient:
         """The job's most recent event; raises ``UnknownJob``."""
         if not _JOB_ID.match(job_id):
             raise UnknownJob(job_id)
-        entries = await self.redis.xrevrange(keys.events(job_id), count=1)
+        stream = keys.events(job_id)
+        entries = await self.redis.xrevrange(stream, count=1)
         if not entries:
             raise UnknownJob(job_id)
-        entry_id, fields = entries[0]
-        return jobstream.decode(entry_id, fields)
+        return (await StreamDecoder(self.redis, stream).decode(entries))[0]
 
     async def tail(self, job_id: str, *, after: str = "0") -> AsyncIterator[Event]:
         """Yield the job's events after ``after`` (from the start by default), live, until the
@@ -156,30 +158,29 @@ class FleetClient:
         A Redis connection that drops is reopened with backoff; reading resumes after the last
         event yielded, so nothing is missed or repeated.
         """
-        cursor = after
         position = _parse_cursor(after)
         last = await self.last_event(job_id)
-        if last.terminal and _parse_cursor(last.id) <= position:
+        if last.terminal and parse_id(last.id) <= position:
             return
         stream = keys.events(job_id)
+        decoder = StreamDecoder(self.redis, stream)
+        cursor = after
         delay = 0.05
         while True:
             try:
                 response = await self.redis.xread(
                     {stream: cursor}, count=READ_COUNT, block=connection.BLOCK_MS
                 )
+                events = await decoder.decode(response[0][1]) if response else []
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 logger.warning("tail %s: Redis connection lost (%s); retrying in %.2fs", job_id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
             delay = 0.05
-            if not response:
-                if not await self.redis.exists(stream):
-                    raise UnknownJob(job_id)
-                continue
-            for entry_id, fields in response[0][1]:
-                event = jobstream.decode(entry_id, fields)
+            if not events and not await self.redis.exists(stream):
+                raise UnknownJob(job_id)
+            for event in events:
                 cursor = event.id
                 yield event
                 if event.terminal:

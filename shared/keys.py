@@ -28,6 +28,11 @@ def cancel_flag(job_id: str) -> str:
     return f"sf:{{{job_id}}}:cancel"
 
 
+def attempt(job_id: str) -> str:
+    """The ``started`` id of the attempt that owns the job: only it may write the terminal event."""
+    return f"sf:{{{job_id}}}:attempt"
+
+
 def idempotency(key: str) -> str:
     """Maps a caller's idempotency key to the job id it created."""
     return f"sf:idem:{key}"

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from shared.jobstream import JobStream
 from shared.settings import Settings
+from shared.transitions import JobStream
 
 from .cancel import Cancellations
 from .upstream import Upstream

@@ -6,8 +6,10 @@ data in the same turn) joins the same pipeline. There is no timer: when idle a d
 under load the batches grow by themselves. Flushes run one at a time, so each stream's entries keep
 their order, and what a job appends after its deltas lands after them.
 
-XADD uses NOMKSTREAM: a late write to a stream that has ended and expired must not recreate it
-without a TTL.
+Entries carry explicit ids (see ``shared.jobstream``) and XADD uses NOMKSTREAM: a late write to a
+stream that has expired must not recreate it without a TTL, and a write whose id Redis refuses
+marks its stream *fenced*: a newer attempt or the terminal event is already there, and the attempt
+that wrote it must stop.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import logging
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from shared.jobstream import Fields
 
@@ -33,7 +36,9 @@ class StreamWriter:
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._batch: list[tuple[str, Fields]] = []
+        self._batch: list[tuple[str, bytes, Fields]] = []
+        self.fenced: set[str] = set()
+        """Streams a write was refused on. The attempt that owns one stops and clears it."""
         self._batch_done: asyncio.Future[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.entries_written = 0
@@ -43,9 +48,9 @@ class StreamWriter:
     def backlog(self) -> int:
         return len(self._batch)
 
-    def append(self, stream: str, fields: Fields) -> asyncio.Future[None]:
+    def append(self, stream: str, entry_id: bytes, fields: Fields) -> asyncio.Future[None]:
         """Queue one entry; the returned future completes when its batch is in Redis."""
-        self._batch.append((stream, fields))
+        self._batch.append((stream, entry_id, fields))
         if self._batch_done is None:
             loop = asyncio.get_running_loop()
             self._batch_done = loop.create_future()
@@ -61,14 +66,17 @@ class StreamWriter:
                 assert done is not None
                 try:
                     pipe = self._redis.pipeline(transaction=False)
-                    for stream, fields in batch:
-                        pipe.execute_command("XADD", stream, "NOMKSTREAM", "*", *_flat(fields))
-                    await pipe.execute(raise_on_error=False)
+                    for stream, entry_id, fields in batch:
+                        pipe.execute_command("XADD", stream, "NOMKSTREAM", entry_id, *_flat(fields))
+                    replies = await pipe.execute(raise_on_error=False)
                 except Exception as exc:
                     logger.warning("writing %d entries failed: %s", len(batch), exc)
                     done.set_exception(exc)
                     done.exception()  # retrieved: every waiter still gets it, nobody else is told
                 else:
+                    for (stream, _, _), reply in zip(batch, replies, strict=True):
+                        if reply is None or isinstance(reply, ResponseError):
+                            self.fenced.add(stream)
                     self.entries_written += len(batch)
                     self.batches_written += 1
                     done.set_result(None)
