@@ -15,8 +15,10 @@ re-serializes a chunk.
 **Compact deltas.** Consecutive chunks of one stream repeat the same envelope (id, model, created,
 fingerprint...) and differ in a few bytes of content. A delta is stored as a *reference* (the whole
 bytes) or as ``\\x00`` + three varints (how many entries back its reference is, the length of the
-prefix and of the suffix it shares with it) + the bytes in between. A new reference is stored
-whenever the difference would not save half. Readers rebuild the bytes exactly; a reader that joins
+prefix and of the suffix it shares with it) + the bytes in between; or as ``\\x01``, the same plus a
+run shared from inside the middle (three more varints), for chunks that differ in two places (OpenAI
+pads every chunk with a random ``obfuscation`` string). A new reference is stored whenever the
+difference would not save half. Readers rebuild the bytes exactly; a reader that joins
 after a reference fetches it once.
 
 **Entry ids.** The worker gives an attempt's deltas explicit ids: the ``started`` entry's
@@ -40,10 +42,14 @@ T: Final = b"t"
 D: Final = b"d"
 COMPACT: Final = 0x00
 """First byte of a compact delta; a JSON text never starts with it."""
+COMPACT_INNER: Final = 0x01
+"""First byte of a compact delta that also reuses a run from inside its reference's middle."""
+INNER_ANCHOR = 8
 
 Fields = dict[bytes, bytes]
 
 _TERMINAL_KINDS: Final = frozenset(kind.encode() for kind in TERMINAL_TYPES)
+_SMALL: Final = tuple(bytes((value,)) for value in range(0x80))
 
 
 def encode(type: str, data: Any) -> Fields:
@@ -64,6 +70,8 @@ def parse_id(entry_id: bytes | str) -> tuple[int, int]:
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -83,11 +91,20 @@ def _read_varint(data: bytes, position: int) -> tuple[int, int]:
         shift += 7
 
 
-def _shared_prefix(a: bytes, b: bytes, limit: int) -> int:
-    """Length of the common prefix of ``a`` and ``b``, at most ``limit``: a binary search of memcmps."""
-    if a[:limit] == b[:limit]:
-        return limit
-    low, high = 0, limit  # a[:low] == b[:low] and a[:high] != b[:high]
+def _shared_prefix(a: bytes, b: bytes, limit: int, hint: int) -> int:
+    """Length of the common prefix of ``a`` and ``b``, at most ``limit``.
+
+    ``hint`` is the last answer: chunks of one stream keep their shape, so it is usually right or a
+    byte or two short, and two comparisons settle it; otherwise a binary search of memcmps does.
+    """
+    if hint <= limit and a[:hint] == b[:hint]:
+        low = hint
+        while low < limit and a[low] == b[low]:
+            low += 1
+        return low
+    low, high = 0, min(hint, limit)  # a[:low] == b[:low] and a[:high] != b[:high]
+    if a[:high] == b[:high]:
+        return high
     while high - low > 1:
         middle = (low + high) // 2
         if a[:middle] == b[:middle]:
@@ -97,17 +114,41 @@ def _shared_prefix(a: bytes, b: bytes, limit: int) -> int:
     return low
 
 
-def _shared_suffix(a: bytes, b: bytes, limit: int) -> int:
-    if limit == 0 or a[len(a) - limit :] == b[len(b) - limit :]:
-        return limit
-    low, high = 0, limit
+def _shared_suffix(a: bytes, b: bytes, limit: int, hint: int) -> int:
+    """Length of the common suffix of ``a`` and ``b``, at most ``limit``; ``hint`` as above."""
+    end_a, end_b = len(a), len(b)
+    if hint <= limit and a[end_a - hint :] == b[end_b - hint :]:
+        low = hint
+        while low < limit and a[end_a - low - 1] == b[end_b - low - 1]:
+            low += 1
+        return low
+    low, high = 0, min(hint, limit)
+    if a[end_a - high :] == b[end_b - high :]:
+        return high
     while high - low > 1:
         middle = (low + high) // 2
-        if a[len(a) - middle :] == b[len(b) - middle :]:
+        if a[end_a - middle :] == b[end_b - middle :]:
             low = middle
         else:
             high = middle
     return low
+
+
+def _inner_match(ref_middle: bytes, middle: bytes) -> tuple[int, int, int] | None:
+    """A run that the two middles share, found from the reference's first quote onwards.
+
+    The content of a chunk ends at a quote, and what follows it (the rest of the choice, the next
+    keys) repeats: after prefix and suffix are taken, that run is what is left to save.
+    """
+    at_ref = ref_middle.find(b'"')
+    if at_ref < 0 or len(ref_middle) - at_ref < INNER_ANCHOR:
+        return None
+    at_chunk = middle.find(ref_middle[at_ref : at_ref + INNER_ANCHOR])
+    if at_chunk < 0:
+        return None
+    tail_ref, tail_chunk = ref_middle[at_ref + INNER_ANCHOR :], middle[at_chunk + INNER_ANCHOR :]
+    limit = min(len(tail_ref), len(tail_chunk))
+    return at_ref, at_chunk, INNER_ANCHOR + _shared_prefix(tail_ref, tail_chunk, limit, limit)
 
 
 class DeltaEncoder:
@@ -117,13 +158,14 @@ class DeltaEncoder:
     :param started_id: the id Redis gave the attempt's ``started`` entry.
     """
 
-    __slots__ = ("_kind", "_ms", "_ref", "_ref_seq", "_seq")
+    __slots__ = ("_kind", "_ms", "_prefix", "_ref", "_ref_seq", "_seq", "_suffix")
 
     def __init__(self, attempt: int, started_id: str) -> None:
         self._kind = b"%d" % attempt
         self._ms, self._seq = parse_id(started_id)
         self._ref = b""
         self._ref_seq = -1
+        self._prefix = self._suffix = 0
 
     def next_id(self) -> bytes:
         """The id of the next entry of this attempt."""
@@ -136,13 +178,22 @@ class DeltaEncoder:
         ref = self._ref
         if ref:
             limit = min(len(ref), len(chunk))
-            prefix = _shared_prefix(ref, chunk, limit)
-            suffix = _shared_suffix(ref, chunk, limit - prefix)
+            prefix = self._prefix = _shared_prefix(ref, chunk, limit, self._prefix)
+            suffix = self._suffix = _shared_suffix(ref, chunk, limit - prefix, self._suffix)
             middle = chunk[prefix : len(chunk) - suffix]
             header = _varint(self._seq - self._ref_seq) + _varint(prefix) + _varint(suffix)
-            if 1 + len(header) + len(middle) <= len(chunk) // 2:
-                return entry_id, {T: self._kind, D: b"\x00" + header + middle}
+            inner = _inner_match(ref[prefix : len(ref) - suffix], middle)
+            if inner is not None:
+                # Two holes: OpenAI's per-chunk `obfuscation` padding differs at the end as well.
+                at_ref, at_chunk, length = inner
+                header += _varint(at_ref) + _varint(at_chunk) + _varint(length)
+                payload = b"\x01" + header + middle[:at_chunk] + middle[at_chunk + length :]
+            else:
+                payload = b"\x00" + header + middle
+            if len(payload) <= len(chunk) // 2:
+                return entry_id, {T: self._kind, D: payload}
         self._ref, self._ref_seq = chunk, self._seq
+        self._prefix = self._suffix = len(chunk)
         return entry_id, {T: self._kind, D: chunk}
 
     def event(self, type: str, data: Any) -> tuple[bytes, Fields]:
@@ -175,14 +226,22 @@ class StreamDecoder:
         """The upstream's bytes of a delta entry (references must be known: call ``decode`` first)."""
         data = fields[D]
         position = parse_id(entry_id)
-        if data[:1] != b"\x00":
+        if data[0] > COMPACT_INNER:
             self._remember(position, data)
             return data
         distance, at = _read_varint(data, 1)
         prefix, at = _read_varint(data, at)
         suffix, at = _read_varint(data, at)
         ref = self._refs[(position[0], position[1] - distance)]
-        return ref[:prefix] + data[at:] + ref[len(ref) - suffix :]
+        middle = data[at:]
+        if data[0] == COMPACT_INNER:
+            at_ref, at = _read_varint(data, at)
+            at_chunk, at = _read_varint(data, at)
+            length, at = _read_varint(data, at)
+            rest = data[at:]
+            start = prefix + at_ref
+            middle = rest[:at_chunk] + ref[start : start + length] + rest[at_chunk:]
+        return ref[:prefix] + middle + ref[len(ref) - suffix :]
 
     def _decode(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
         event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -206,7 +265,7 @@ class StreamDecoder:
                 continue
             position = parse_id(entry_id)
             data = fields[D]
-            if data[:1] != b"\x00":
+            if data[0] > COMPACT_INNER:
                 present.add(position)
                 continue
             distance, _ = _read_varint(data, 1)

@@ -357,3 +357,12 @@ def test_the_sdk_comparison_covers_the_openai_recordings() -> None:
         path.name for path in RECORDINGS if path.name.startswith("openai-chat")
     }
     assert len(compared) >= 9
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.name)
+def test_the_simulator_replays_a_recording_byte_for_byte(path: Path, simulator: Any) -> None:
+    import httpx
+
+    body = {"model": "replayed", "messages": [], "simulator": {"replay": path.name, "pace_ms": 1}}
+    with httpx.stream("POST", simulator.base_url + "/chat/completions", json=body) as response:
+        assert b"".join(response.iter_raw()) == path.read_bytes()

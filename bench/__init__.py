@@ -1,0 +1,1 @@
+"""Benchmarks: every figure measured beside a baseline in the same run (``make bench``)."""

