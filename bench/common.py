@@ -85,9 +85,7 @@ def text_chunks(count: int, *, obfuscation: bool, seed: int = 7) -> list[bytes]:
             ],
         }
         if obfuscation:
-            data["obfuscation"] = "".join(
-                rng.choices(string.ascii_letters + string.digits, k=rng.randint(2, 12))
-            )
+            data["obfuscation"] = "".join(rng.choices(string.ascii_letters + string.digits, k=rng.randint(2, 12)))
         chunks.append(orjson.dumps(data))
     return chunks
 

@@ -39,9 +39,7 @@ READ_COUNT = 1000
 
 def _parse_cursor(after: str) -> tuple[int, int]:
     if not _CURSOR.match(after):
-        raise InvalidRequest(
-            f"invalid event id {after!r}: expected '0' or a stream id like '1700000000000-0'"
-        )
+        raise InvalidRequest(f"invalid event id {after!r}: expected '0' or a stream id like '1700000000000-0'")
     ms, _, seq = after.partition("-")
     return int(ms), int(seq or 0)
 
@@ -134,7 +132,7 @@ class FleetClient:
             queue.payload(endpoint=endpoint, request=request, enqueue_time_ms=now_ms),
             arq_ttl_ms=queue.QUEUE_TTL_SECONDS * 1000,
             score_ms=now_ms,
-            queue_ttl_seconds=queue.QUEUE_TTL_SECONDS + int(self.settings.job_timeout_seconds) * 3,
+            queue_ttl_seconds=queue.QUEUE_TTL_SECONDS + int(self.settings.job_deadline_seconds) * 2,
             idempotency_key=idempotency_key,
             idempotency_ttl_seconds=IDEMPOTENCY_TTL_SECONDS,
         )
@@ -168,9 +166,7 @@ class FleetClient:
         delay = 0.05
         while True:
             try:
-                response = await self.redis.xread(
-                    {stream: cursor}, count=READ_COUNT, block=connection.BLOCK_MS
-                )
+                response = await self.redis.xread({stream: cursor}, count=READ_COUNT, block=connection.BLOCK_MS)
                 events = await decoder.decode(response[0][1]) if response else []
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 logger.warning("tail %s: Redis connection lost (%s); retrying in %.2fs", job_id, exc, delay)

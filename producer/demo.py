@@ -92,10 +92,7 @@ async def _show(fleet: FleetClient, console: Console) -> int:
         for _ in subscribers:
             grid.add_column(ratio=1)
         grid.add_row(
-            *(
-                Panel(s.text or "[dim]waiting…[/dim]", title=f"{s.name} · {s.deltas} deltas")
-                for s in subscribers
-            )
+            *(Panel(s.text or "[dim]waiting…[/dim]", title=f"{s.name} · {s.deltas} deltas") for s in subscribers)
         )
         return grid
 
@@ -144,9 +141,7 @@ def run_demo(settings: Settings) -> int:
     """Run the demo; return the exit code."""
     console = Console()
     started_embedded = settings.uses_embedded_redis and embedded.running(settings.state_dir) is None
-    redis_url = (
-        embedded.ensure(settings.state_dir).url if settings.uses_embedded_redis else settings.redis_url
-    )
+    redis_url = embedded.ensure(settings.state_dir).url if settings.uses_embedded_redis else settings.redis_url
     port = _free_port()
     simulator = launch.spawn("simulator", "--port", str(port), "--tps", str(TPS))
     worker = None

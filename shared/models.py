@@ -26,9 +26,7 @@ ERROR: Final = "error"
 CANCELLED: Final = "cancelled"
 TERMINAL_TYPES: Final = frozenset({DONE, ERROR, CANCELLED})
 
-ErrorType = Literal[
-    "upstream_error", "upstream_unreachable", "timeout", "invalid_request", "worker_lost", "internal"
-]
+ErrorType = Literal["upstream_error", "upstream_unreachable", "timeout", "invalid_request", "worker_lost", "internal"]
 
 
 class Error(TypedDict):

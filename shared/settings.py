@@ -41,9 +41,7 @@ class Settings(BaseSettings):
     )
     upstream_base_url: str = Field(
         default="https://api.openai.com/v1",
-        validation_alias=AliasChoices(
-            "STREAMFLEET_UPSTREAM_BASE_URL", "OPENAI_BASE_URL", "upstream_base_url"
-        ),
+        validation_alias=AliasChoices("STREAMFLEET_UPSTREAM_BASE_URL", "OPENAI_BASE_URL", "upstream_base_url"),
     )
     upstream_api_key: SecretStr | None = Field(
         default=None,
@@ -60,11 +58,25 @@ class Settings(BaseSettings):
     """Jobs one worker process runs at once."""
     poll_delay_seconds: float = Field(default=0.05, gt=0)
     """How often an idle worker asks the queue for jobs (arq's default is 0.5 s)."""
-    job_timeout_seconds: float = Field(default=600, gt=0)
-    """The whole deadline of one attempt of one job."""
+    max_attempts: int = Field(default=4, ge=1)
+    """Attempts per job, counting retries after upstream failures and after lost workers."""
+    job_deadline_seconds: float = Field(default=600, gt=0)
+    """The whole deadline of one job, retries included: then it ends in a ``timeout`` error."""
     connect_timeout_seconds: float = Field(default=10, gt=0)
-    read_timeout_seconds: float = Field(default=120, gt=0)
-    """Longest silence allowed from the upstream, before the first byte and between chunks."""
+    first_byte_timeout_seconds: float = Field(default=120, gt=0)
+    """Longest wait for the upstream's first event (models that think first need a long one)."""
+    idle_timeout_seconds: float = Field(default=60, gt=0)
+    """Longest silence allowed between two upstream events: longer is a stall, and is retried."""
+    retry_base_seconds: float = Field(default=0.5, ge=0)
+    """First retry delay; it doubles each attempt (with jitter), up to ``retry_max_seconds``."""
+    retry_max_seconds: float = Field(default=10, ge=0)
+    max_stream_events: int = Field(default=200_000, gt=0)
+    """A runaway stream ends in an error after this many upstream events."""
+    lease_seconds: float = Field(default=5, gt=0)
+    """A running job whose worker has not renewed its lease for this long is given to another worker."""
+    shutdown_grace_seconds: float = Field(default=25, ge=0)
+    """On SIGTERM, how long running jobs may go on before they are handed back (Kubernetes'
+    terminationGracePeriodSeconds is 30 by default)."""
 
     # Client tuning.
     max_request_bytes: int = Field(default=1_000_000, gt=0)

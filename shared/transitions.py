@@ -7,12 +7,12 @@ The scripts read an entry's ``t`` field, the type, as ``shared.jobstream`` lays 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 
 from . import jsonutil, keys
-from .models import TERMINAL_TYPES
+from .models import TERMINAL_TYPES, make_error
 
 # An entry comes back from XREVRANGE as {id, {"t", type, "d", data}}.
 _LAST_TYPE = """
@@ -23,6 +23,10 @@ local function last_type(stream)
 end
 local function is_terminal(t)
   return t == 'done' or t == 'error' or t == 'cancelled'
+end
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
 """
 
@@ -41,26 +45,32 @@ redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 return ARGV[1]
 """
 
-# KEYS: events, cancel flag, current attempt. ARGV: started data.
-# Returns the started entry's id, or 'gone' (no stream), 'ended' (terminal), 'cancel' (cancel requested).
-# The current-attempt key names the attempt that owns the stream: only it may end the job.
+# KEYS: events, cancel flag, owner, attempts, running. ARGV: job id, lease ms, max attempts.
+# Returns {'started', attempt, id}, {'exhausted', attempt}, or {'gone'} (no stream), {'ended'}
+# (terminal), {'cancel'} (cancel requested). The owner key names the attempt that may end the job;
+# the running set holds its lease.
 _START = (
     _LAST_TYPE
     + """
 local t = last_type(KEYS[1])
-if not t then return 'gone' end
-if is_terminal(t) then return 'ended' end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 'cancel' end
-local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', 'started', 'd', ARGV[1])
-redis.call('SET', KEYS[3], id)
+if not t then return {'gone'} end
+if is_terminal(t) then return {'ended'} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancel'} end
 local ttl = redis.call('TTL', KEYS[1])
+local n = redis.call('INCR', KEYS[4])
+if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
+if n > tonumber(ARGV[3]) then return {'exhausted', n} end
+local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', 'started', 'd', '{"attempt":' .. n .. '}')
+redis.call('SET', KEYS[3], id)
 if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
-return id
+redis.call('ZADD', KEYS[5], now_ms() + tonumber(ARGV[2]), ARGV[1])
+return {'started', n, id}
 """
 )
 
-# KEYS: events, current attempt. ARGV: type, data, ttl s, the ending attempt's started id or "".
-# Returns the entry id, or false when the stream is gone, has ended, or belongs to a newer attempt.
+# KEYS: events, owner, attempts, running. ARGV: type, data, ttl s, the ending attempt's started id
+# or "", job id. Returns the entry id, or false when the stream is gone, has ended, or belongs to
+# another attempt.
 _TERMINAL = (
     _LAST_TYPE
     + """
@@ -70,7 +80,61 @@ if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return false end
 local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', ARGV[1], 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('ZREM', KEYS[4], ARGV[5])
 return id
+"""
+)
+
+# KEYS: running, events, owner, attempts, arq in-progress, arq job, arq queue.
+# ARGV: job id, worker_lost error JSON, ttl s.
+# A job whose lease has lapsed: its worker is gone. It goes back to the queue, announced by a
+# `retry` (unless its worker already handed it back), and its lost attempt may no longer end it.
+# If arq no longer has the job, it can never run again: it ends in `error` here.
+_RECLAIM = (
+    _LAST_TYPE
+    + """
+local now = now_ms()
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not score) or tonumber(score) > now then return 'alive' end
+redis.call('ZREM', KEYS[1], ARGV[1])
+local t = last_type(KEYS[2])
+if not t then return 'gone' end
+if is_terminal(t) then return 'ended' end
+if redis.call('EXISTS', KEYS[6]) == 0 then
+  redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', 't', 'error', 'd', '{"error":' .. ARGV[2] .. ',"partial":null}')
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  return 'lost'
+end
+if t ~= 'retry' then
+  local n = redis.call('GET', KEYS[4]) or '0'
+  redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', 't', 'retry', 'd',
+             '{"attempt":' .. n .. ',"error":' .. ARGV[2] .. ',"delay_s":0}')
+end
+redis.call('SET', KEYS[3], 'reclaimed', 'KEEPTTL')
+redis.call('DEL', KEYS[5])
+redis.call('ZADD', KEYS[7], now, ARGV[1])
+return 'requeued'
+"""
+)
+
+# Leases use the server's clock, so the workers' clocks need not agree.
+# KEYS: running. ARGV: lease ms, job ids. Renews the leases of jobs still running (XX: never revives
+# one that ended or was reclaimed).
+_RENEW = (
+    _LAST_TYPE
+    + """
+local lease_end = now_ms() + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', lease_end, ARGV[i]) end
+return #ARGV - 1
+"""
+)
+
+# KEYS: running. ARGV: how many. The jobs whose lease has lapsed.
+_LAPSED = (
+    _LAST_TYPE
+    + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
 """
 )
 
@@ -98,6 +162,15 @@ return 'signalled'
 )
 
 
+class Start(NamedTuple):
+    """What ``JobStream.start`` found: ``status`` is ``started`` (with ``attempt`` and ``started_id``),
+    ``exhausted`` (the attempt would be one too many), ``gone``, ``ended`` or ``cancel``."""
+
+    status: str
+    attempt: int
+    started_id: str
+
+
 def _text(result: Any) -> str:
     return result.decode() if isinstance(result, bytes) else str(result)
 
@@ -116,6 +189,9 @@ class JobStream:
         self._start = redis.register_script(_START)
         self._terminal = redis.register_script(_TERMINAL)
         self._cancel = redis.register_script(_CANCEL)
+        self._reclaim = redis.register_script(_RECLAIM)
+        self._renew = redis.register_script(_RENEW)
+        self._lapsed = redis.register_script(_LAPSED)
 
     async def submit(
         self,
@@ -152,25 +228,65 @@ class JobStream:
         )
         return _text(result)
 
-    async def start(self, job_id: str, attempt: int) -> str:
-        """Append ``started``; return its id, or ``gone``, ``ended`` or ``cancel`` when it must not run."""
-        result = await self._start(
-            keys=[keys.events(job_id), keys.cancel_flag(job_id), keys.attempt(job_id)],
-            args=[jsonutil.dumps({"attempt": attempt})],
+    async def start(self, job_id: str, *, lease_ms: int, max_attempts: int) -> Start:
+        """Open the job's next attempt: number it, append ``started``, take its lease."""
+        reply = await self._start(
+            keys=[
+                keys.events(job_id),
+                keys.cancel_flag(job_id),
+                keys.attempt(job_id),
+                keys.attempts(job_id),
+                keys.RUNNING,
+            ],
+            args=[job_id, lease_ms, max_attempts],
         )
-        return _text(result)
+        status = _text(reply[0])
+        attempt = int(reply[1]) if len(reply) > 1 else 0
+        started_id = _text(reply[2]) if len(reply) > 2 else ""
+        return Start(status, attempt, started_id)
 
     async def end(self, job_id: str, type: str, data: Any, *, started_id: str | None = None) -> str | None:
         """Append the terminal event unless the job already has one; return its id or ``None``.
 
-        :param started_id: the ending attempt's ``started`` id: refused if a newer attempt owns the job.
+        :param started_id: the ending attempt's ``started`` id: refused if another attempt owns the job.
         """
         assert type in TERMINAL_TYPES, type
         result = await self._terminal(
-            keys=[keys.events(job_id), keys.attempt(job_id)],
-            args=[type, jsonutil.dumps(data), self.ttl_seconds, started_id or ""],
+            keys=[keys.events(job_id), keys.attempt(job_id), keys.attempts(job_id), keys.RUNNING],
+            args=[type, jsonutil.dumps(data), self.ttl_seconds, started_id or "", job_id],
         )
         return _text(result) if result else None
+
+    async def renew(self, job_ids: list[str], *, lease_ms: int) -> None:
+        """Renew the leases of the jobs this worker runs."""
+        if job_ids:
+            await self._renew(keys=[keys.RUNNING], args=[lease_ms, *job_ids])
+
+    async def lapsed(self, *, limit: int = 100) -> list[str]:
+        """Running jobs whose lease has lapsed."""
+        return [_text(job_id) for job_id in await self._lapsed(keys=[keys.RUNNING], args=[limit])]
+
+    async def release(self, job_id: str) -> None:
+        """Drop a job's lease: its worker handed it back to the queue."""
+        await self.redis.zrem(keys.RUNNING, job_id)
+
+    async def reclaim(self, job_id: str) -> str:
+        """Give a job whose lease lapsed to another worker: ``requeued``, ``lost`` (ended in error),
+        ``ended``, ``gone``, or ``alive`` (its lease was renewed meanwhile)."""
+        error = make_error("worker_lost", "the worker running this job stopped renewing its lease")
+        result = await self._reclaim(
+            keys=[
+                keys.RUNNING,
+                keys.events(job_id),
+                keys.attempt(job_id),
+                keys.attempts(job_id),
+                keys.arq_in_progress(job_id),
+                keys.arq_job(job_id),
+                keys.QUEUE,
+            ],
+            args=[job_id, jsonutil.dumps(error), self.ttl_seconds],
+        )
+        return _text(result)
 
     async def cancel(self, job_id: str) -> str:
         """Request cancellation: ``cancelled`` (it was queued and has ended), ``signalled`` (a worker

@@ -10,13 +10,16 @@ not, with deterministic text for a given request (``simulator.text``). A request
     replay      a recorded ``.sse`` file (under ``--replay-dir``) to send byte for byte
     pace_ms     with ``replay``: pause between events
 
-``GET /_simulator/stats`` counts streams started, completed and cut short by the client.
+and asks for faults (``simulator.faults``: error statuses, drops, stalls, error events, bad data).
+
+``GET /_simulator/stats`` counts requests, streams started, completed and cut short by the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import text
+from . import faults, text
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Simulator:
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
         self.stats = Stats()
+        self.seen: Counter[str] = Counter()
 
     def _timing(self, body: dict[str, Any]) -> tuple[float, float]:
         opts = text.options(body)
@@ -117,6 +121,9 @@ class Simulator:
             return body
         if "replay" in text.options(body):
             return self._replay(body)
+        fault = faults.pick(body, self.seen)
+        if fault is not None and (failed := faults.status_response(fault)) is not None:
+            return failed
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             return _error(400, "'messages' must be a non-empty array")
         choices = body.get("n") or 1
@@ -155,9 +162,7 @@ class Simulator:
         def chunk(choice: int, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             data = {
                 **envelope,
-                "choices": [
-                    {"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-                ],
+                "choices": [{"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
             }
             if include_usage:
                 data["usage"] = None
@@ -180,7 +185,8 @@ class Simulator:
                 yield _sse({**envelope, "choices": [], "usage": usage})
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(self._counted(events()), media_type="text/event-stream")
+        body_events = events() if fault is None else faults.inject(events(), fault, responses=False)
+        return StreamingResponse(self._counted(body_events), media_type="text/event-stream")
 
     async def responses(self, request: Request) -> Response:
         body = await self._body(request)
@@ -188,6 +194,9 @@ class Simulator:
             return body
         if "replay" in text.options(body):
             return self._replay(body)
+        fault = faults.pick(body, self.seen)
+        if fault is not None and (failed := faults.status_response(fault)) is not None:
+            return failed
         tokens = text.tokens(body)
         full = "".join(tokens)
         response_id = "resp_" + text.request_id(body)
@@ -235,9 +244,7 @@ class Simulator:
                 item={**message, "status": "in_progress", "content": []},
             )
             part = {"type": "output_text", "text": "", "annotations": []}
-            yield event(
-                "response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=part
-            )
+            yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=part)
             start = time.monotonic()
             for position, token in enumerate(tokens):
                 if position:
@@ -249,9 +256,7 @@ class Simulator:
                     content_index=0,
                     delta=token,
                 )
-            yield event(
-                "response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=full
-            )
+            yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=full)
             yield event(
                 "response.content_part.done",
                 item_id=item_id,
@@ -262,7 +267,8 @@ class Simulator:
             yield event("response.output_item.done", output_index=0, item=message)
             yield event("response.completed", response=final)
 
-        return StreamingResponse(self._counted(events()), media_type="text/event-stream")
+        body_events = events() if fault is None else faults.inject(events(), fault, responses=True)
+        return StreamingResponse(self._counted(body_events), media_type="text/event-stream")
 
     async def stats_route(self, request: Request) -> Response:
         return JSONResponse(asdict(self.stats))

@@ -26,9 +26,7 @@ def token_count(request: dict[str, Any]) -> int:
     count = options(request).get("tokens")
     if isinstance(count, int) and count >= 0:
         return count
-    limit = (
-        request.get("max_tokens") or request.get("max_completion_tokens") or request.get("max_output_tokens")
-    )
+    limit = request.get("max_tokens") or request.get("max_completion_tokens") or request.get("max_output_tokens")
     return min(DEFAULT_TOKENS, limit) if isinstance(limit, int) and limit > 0 else DEFAULT_TOKENS
 
 

@@ -63,9 +63,7 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, ti
             process.wait()
 
 
-def pytest_asyncio_loop_factories(
-    config: pytest.Config, item: pytest.Item
-) -> dict[str, Callable[[], object]]:
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], object]]:
     return {"uvloop": uvloop.new_event_loop}
 
 

@@ -59,9 +59,7 @@ def test_tool_calls_without_index_continue_the_last_call() -> None:
         chunk({"tool_calls": [{"function": {"arguments": "1}"}}]}),
         chunk({"tool_calls": [{"id": "b", "function": {"name": "two", "arguments": "{}"}}]}),
     )
-    assert [
-        (c["id"], c["function"]["name"], c["function"]["arguments"]) for c in acc.result()["tool_calls"]
-    ] == [
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in acc.result()["tool_calls"]] == [
         ("a", "one", '{"x":1}'),
         ("b", "two", "{}"),
     ]
@@ -102,9 +100,7 @@ def test_choices_arriving_out_of_order_and_extra_choice_keys() -> None:
         chunk({"content": "a"}, index=0),
         {
             **chunk({}, finish="stop", index=1),
-            "choices": [
-                {"index": 1, "delta": {}, "finish_reason": "stop", "native_finish_reason": "end_turn"}
-            ],
+            "choices": [{"index": 1, "delta": {}, "finish_reason": "stop", "native_finish_reason": "end_turn"}],
         },
     )
     choices = acc.completion()["choices"]
@@ -172,10 +168,7 @@ def test_responses_incomplete_gives_its_reason() -> None:
 
 def test_delta_text_of_each_shape() -> None:
     assert delta_text(chunk({"content": "a"})) == "a"
-    assert (
-        delta_text(chunk({"content": [{"type": "text", "text": "b"}, {"type": "thinking", "thinking": []}]}))
-        == "b"
-    )
+    assert delta_text(chunk({"content": [{"type": "text", "text": "b"}, {"type": "thinking", "thinking": []}]})) == "b"
     assert delta_text(chunk({"content": "c"}, index=1)) == ""
     assert delta_text({"type": "response.output_text.delta", "delta": "d"}) == "d"
     assert delta_text({"error": {"message": "x"}}) == ""

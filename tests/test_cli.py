@@ -52,9 +52,7 @@ def test_submit_follow_with_a_request_file(
     path.write_text(json.dumps(request))
     followed = cli("submit", "--request", str(path), "--follow", env=fleet_env)
     assert (followed.returncode, followed.stdout) == (0, expected_text(request) + "\n")
-    from_stdin = cli(
-        "submit", "--request", "-", "--follow", env=fleet_env, input=json.dumps(request).encode()
-    )
+    from_stdin = cli("submit", "--request", "-", "--follow", env=fleet_env, input=json.dumps(request).encode())
     assert (from_stdin.returncode, from_stdin.stdout) == (0, expected_text(request) + "\n")
 
 
@@ -90,9 +88,7 @@ def test_errors_exit_2_with_one_line(fleet_env: dict[str, str], tmp_path: Path) 
 
 
 def test_failed_job_exits_1(fleet_env: dict[str, str], start_worker: WorkerFactory) -> None:
-    start_worker(
-        env={"STREAMFLEET_UPSTREAM_BASE_URL": fleet_env["STREAMFLEET_UPSTREAM_BASE_URL"] + "/nowhere"}
-    )
+    start_worker(env={"STREAMFLEET_UPSTREAM_BASE_URL": fleet_env["STREAMFLEET_UPSTREAM_BASE_URL"] + "/nowhere"})
     followed = cli("submit", "fails", "--follow", env=fleet_env)
     assert followed.returncode == 1 and "upstream answered 404" in followed.stderr
 

@@ -24,9 +24,7 @@ ENSURE = (
 def test_processes_started_together_share_one_server(tmp_path: Path) -> None:
     state = tmp_path / "state"
     processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", ENSURE, str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        subprocess.Popen([sys.executable, "-c", ENSURE, str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(4)
     ]
     try:
@@ -34,10 +32,7 @@ def test_processes_started_together_share_one_server(tmp_path: Path) -> None:
         lines = [out.decode().split() for out, _ in outputs]
         assert len({(url, pid) for url, pid, _ in lines}) == 1
         assert sorted(started for _, _, started in lines) == ["False", "False", "False", "True"]
-        assert all(
-            b"using the embedded Valkey server" in err and b"STREAMFLEET_REDIS_URL" in err
-            for _, err in outputs
-        )
+        assert all(b"using the embedded Valkey server" in err and b"STREAMFLEET_REDIS_URL" in err for _, err in outputs)
         url, pid = lines[0][0], int(lines[0][1])
         assert redis.Redis.from_url(url).ping()
     finally:

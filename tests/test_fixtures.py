@@ -234,9 +234,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "text": "",
         "finish_reason": None,
         "usage_total": 74,
-        "tool_calls": [
-            {"id": "0", "type": "function", "function": {"name": "llm_version", "arguments": "{}"}}
-        ],
+        "tool_calls": [{"id": "0", "type": "function", "function": {"name": "llm_version", "arguments": "{}"}}],
     },
     "vllm-crusoe-llama33-content-usage.sse": {
         "terminal": DONE,
@@ -304,9 +302,7 @@ def without_nulls(value: Any) -> Any:
 
 
 @pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.name)
-async def test_recording_through_the_fleet(
-    path: Path, fleet: FleetClient, start_worker: WorkerFactory
-) -> None:
+async def test_recording_through_the_fleet(path: Path, fleet: FleetClient, start_worker: WorkerFactory) -> None:
     start_worker()
     endpoint = endpoint_of(path)
     request: dict[str, Any] = {"model": "replayed", "simulator": {"replay": path.name}}

@@ -32,9 +32,7 @@ async def test_runs_on_uvloop() -> None:
     assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
 
 
-async def test_subscribers_live_and_late_see_the_same_events(
-    fleet: FleetClient, start_worker: WorkerFactory
-) -> None:
+async def test_subscribers_live_and_late_see_the_same_events(fleet: FleetClient, start_worker: WorkerFactory) -> None:
     start_worker()
     request = chat("two subscribers", tokens=40, tps=200)
     job_id = await fleet.submit(request)
@@ -155,9 +153,7 @@ async def test_invalid_requests_are_refused_before_anything_is_queued(
     assert sync_redis.dbsize() == 0
 
 
-async def test_unknown_fields_reach_the_upstream_untouched(
-    fleet: FleetClient, start_worker: WorkerFactory
-) -> None:
+async def test_unknown_fields_reach_the_upstream_untouched(fleet: FleetClient, start_worker: WorkerFactory) -> None:
     start_worker()
     request = chat("passthrough", tokens=3)
     request["temperature"] = 0.25
@@ -166,9 +162,7 @@ async def test_unknown_fields_reach_the_upstream_untouched(
     assert (await fleet.result(job_id, timeout=10))["text"] == expected_text(request)
 
 
-async def test_responses_endpoint_streams_events_and_result(
-    fleet: FleetClient, start_worker: WorkerFactory
-) -> None:
+async def test_responses_endpoint_streams_events_and_result(fleet: FleetClient, start_worker: WorkerFactory) -> None:
     start_worker()
     request = {"model": "sim", "input": "responses please", "simulator": {"tokens": 12}}
     job_id = await fleet.submit(request, endpoint="responses")

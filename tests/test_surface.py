@@ -50,7 +50,5 @@ def test_settings_read_the_contract_names(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("STREAMFLEET_UPSTREAM_API_KEY", "sk-primary")
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings.upstream_base_url == "http://primary/v1"
-    assert (
-        settings.upstream_api_key is not None and settings.upstream_api_key.get_secret_value() == "sk-primary"
-    )
+    assert settings.upstream_api_key is not None and settings.upstream_api_key.get_secret_value() == "sk-primary"
     assert settings.stream_ttl_seconds == 3600

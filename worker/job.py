@@ -1,27 +1,32 @@
-"""The job function: one attempt of one generation, from the upstream socket to the job stream.
+"""The job function: a generation from the upstream socket to the job stream, attempt by attempt.
 
-    started -> delta, delta, ... -> done | error | cancelled
+    started(1) -> delta... -> retry(1) -> started(2) -> delta... -> done | error | cancelled
 
-Each upstream SSE data event becomes one ``delta`` entry holding the event's bytes (compacted, not
-re-serialized); the chunk is parsed once, for the accumulator that builds the result written with
-``done``. The terminal event goes through ``JobStream.end``, which appends it only if the stream has
-none yet and this attempt still owns the job.
+Each upstream SSE data event becomes one ``delta`` entry holding the event's bytes (compacted, never
+re-serialized); the chunk is parsed once, for the accumulator that builds the result. A retryable
+failure (connect error, 408/409/429/5xx, a stream cut or stalled) ends the attempt with a ``retry``
+event and, after a backoff with jitter (or the upstream's ``Retry-After``), a new attempt; anything
+else is final. The terminal event goes through ``JobStream.end``, which appends it only if the
+stream has none yet and this attempt still owns the job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any
 
 from shared import jsonutil, keys
-from shared.accumulate import accumulator_for
-from shared.jobstream import DeltaEncoder
-from shared.models import CANCELLED, DONE, ERROR, RETRY, make_error
+from shared.accumulate import Accumulator, accumulator_for
+from shared.jobstream import DeltaEncoder, StreamDecoder
+from shared.models import CANCELLED, DONE, ERROR, RETRY, Error, make_error
+from shared.transitions import Start
 
+from . import supervisor
 from .runtime import Runtime
-from .upstream import UpstreamError, UpstreamStreamError, stream_error
+from .upstream import UpstreamError, UpstreamHTTPError, UpstreamStreamError, UpstreamTimeout, stream_error
 from .writer import BACKLOG_LIMIT
 
 logger = logging.getLogger(__name__)
@@ -30,119 +35,211 @@ DONE_MARKER = b"[DONE]"
 
 
 async def generate(ctx: dict[str, Any], *, endpoint: str, request: dict[str, Any]) -> None:
-    """arq job function: run one attempt of the generation ``ctx["job_id"]``."""
+    """arq job function: run the generation ``ctx["job_id"]`` to its terminal event."""
     runtime: Runtime = ctx["runtime"]
-    await Attempt(runtime, ctx["job_id"], ctx["job_try"], endpoint, request).run()
+    await Job(runtime, ctx["job_id"], endpoint, request).run()
 
 
 class Fenced(Exception):
     """A newer attempt or the terminal event is in the stream: this attempt must stop writing."""
 
 
-class Attempt:
-    def __init__(
-        self, runtime: Runtime, job_id: str, attempt: int, endpoint: str, request: dict[str, Any]
-    ) -> None:
+class Job:
+    def __init__(self, runtime: Runtime, job_id: str, endpoint: str, request: dict[str, Any]) -> None:
         self.runtime = runtime
+        self.settings = runtime.settings
         self.job_id = job_id
-        self.attempt = attempt
         self.endpoint = endpoint
         self.request = request
         self.stream = keys.events(job_id)
-        self.accumulator = accumulator_for(endpoint)
+        # The current attempt; reset by each start.
+        self.start: Start | None = None
+        self.encoder: DeltaEncoder | None = None
+        self.accumulator: Accumulator | None = None
         self.deltas = 0
         self.pending: asyncio.Future[None] | None = None
-        self.encoder: DeltaEncoder | None = None
 
     async def run(self) -> None:
-        runtime, job_id = self.runtime, self.job_id
-        started_id = await runtime.jobs.start(job_id, self.attempt)
-        if started_id == "cancel":
-            await runtime.jobs.end(job_id, CANCELLED, {"partial": None})
-            logger.info("job %s: cancelled before attempt %d started", job_id, self.attempt)
-            return
-        if started_id in ("gone", "ended"):
-            logger.info("job %s: attempt %d not started, the job has %s", job_id, self.attempt, started_id)
-            return
-        self.encoder = DeltaEncoder(self.attempt, started_id)
+        runtime = self.runtime
         task = asyncio.current_task()
         assert task is not None
-        runtime.cancels.register(job_id, task)
-        started = time.monotonic()
-        logger.info("job %s: attempt %d started on %s", job_id, self.attempt, runtime.worker_id)
+        watch = runtime.supervisor.watch(self.job_id, task)
+        began = time.monotonic()
+        delay = 0.0
         try:
-            kind, data = await self._stream()
-            await self._drain()
-        except asyncio.CancelledError:
-            if not runtime.cancels.requested(job_id):
-                # Shutdown: arq hands the job back to the queue and another attempt follows.
-                await asyncio.shield(self._announce_retry())
-                raise
-            task.uncancel()
-            kind, data = CANCELLED, {"partial": self._partial()}
+            while True:
+                try:
+                    if delay:
+                        watch.waiting()
+                        await asyncio.sleep(delay)
+                    if not await self._start():
+                        return
+                    watch.streaming(self.settings.first_byte_timeout_seconds)
+                    kind, data = await self._stream(watch)
+                except asyncio.CancelledError:
+                    reason = watch.take_reason()
+                    if reason is None:  # shutdown: arq hands the job back and another attempt follows
+                        await asyncio.shield(self._hand_back())
+                        raise
+                    task.uncancel()
+                    if reason == supervisor.CANCEL:
+                        kind, data = CANCELLED, {"partial": self._partial()}
+                    elif reason == supervisor.DEADLINE:
+                        deadline = self.settings.job_deadline_seconds
+                        error = make_error("timeout", f"the job passed its {deadline:g} s deadline (job deadline)")
+                        kind, data = ERROR, {"error": error, "partial": self._partial()}
+                    else:
+                        failure = self._timeout(reason)
+                        kind, data = ERROR, {"error": failure.error, "partial": self._partial()}
+                        retry = await self._retry_or_not(failure)
+                        if retry is not None:
+                            delay = retry
+                            continue
+                except UpstreamError as failure:
+                    kind, data = ERROR, {"error": failure.error, "partial": self._partial()}
+                    if failure.retryable:
+                        retry = await self._retry_or_not(failure)
+                        if retry is not None:
+                            delay = retry
+                            continue
+                runtime.supervisor.release(self.job_id)  # nothing may interrupt the terminal write
+                await self._end(kind, data, began)
+                return
         except Fenced:
-            logger.warning(
-                "job %s: attempt %d fenced off by a newer attempt or the end", job_id, self.attempt
-            )
-            return
+            logger.warning("job %s: attempt fenced off by a newer attempt or the job's end", self.job_id)
         finally:
-            runtime.cancels.unregister(job_id)
+            runtime.supervisor.release(self.job_id)
             runtime.writer.fenced.discard(self.stream)
-        await self._drain()
-        ended = await runtime.jobs.end(job_id, kind, data, started_id=started_id)
-        logger.info(
-            "job %s: %s after %d deltas in %.3fs (attempt %d)",
-            job_id,
-            kind if ended else f"{kind} not written (the job had ended or moved on)",
-            self.deltas,
-            time.monotonic() - started,
-            self.attempt,
-        )
 
-    async def _stream(self) -> tuple[str, dict[str, Any]]:
-        writer, encoder, stream = self.runtime.writer, self.encoder, self.stream
-        assert encoder is not None
-        failure: UpstreamError | None = None
-        try:
-            async with self.runtime.upstream.open(self.endpoint, self.request) as events:
-                async for event in events:
-                    if event.data == DONE_MARKER:
-                        break
-                    try:
-                        chunk = jsonutil.loads(event.data)
-                    except ValueError:
-                        raise UpstreamStreamError(
-                            make_error("upstream_error", "the upstream sent data that is not JSON")
-                        ) from None
-                    self.pending = writer.append(stream, *encoder.delta(event.data))
-                    self.deltas += 1
-                    self.accumulator.add(chunk, event.event)
-                    # An error inside the stream is final, but what the upstream sends after it
-                    # (OpenAI's response.failed) is still published: the job ends when the stream does.
-                    failure = failure or stream_error(event, chunk)
-                    if stream in writer.fenced:
-                        raise Fenced
-                    if writer.backlog > BACKLOG_LIMIT:
-                        await self.pending
-        except UpstreamError as exc:
-            failure = failure or exc
-        if failure is not None:
-            return ERROR, {"error": failure.error, "partial": self._partial()}
-        return DONE, {"result": self.accumulator.result()}
+    async def _start(self) -> bool:
+        """Open the next attempt; False when the job must not run (it has ended, or is cancelled)."""
+        jobs = self.runtime.jobs
+        start = await jobs.start(
+            self.job_id, lease_ms=int(self.settings.lease_seconds * 1000), max_attempts=self.settings.max_attempts
+        )
+        if start.status == "started":
+            self.start = start
+            self.encoder = DeltaEncoder(start.attempt, start.started_id)
+            self.accumulator = accumulator_for(self.endpoint)
+            self.deltas = 0
+            self.pending = None
+            logger.info("job %s: attempt %d started on %s", self.job_id, start.attempt, self.runtime.worker_id)
+            return True
+        if start.status == "cancel":
+            await jobs.end(self.job_id, CANCELLED, {"partial": None})
+            logger.info("job %s: cancelled before it started", self.job_id)
+        elif start.status == "exhausted":
+            error = await self._last_retry_error()
+            await jobs.end(self.job_id, ERROR, {"error": error, "partial": None})
+            logger.info("job %s: error, its %d attempts are spent", self.job_id, start.attempt - 1)
+        else:
+            logger.info("job %s: not started, the job has %s", self.job_id, start.status)
+        return False
+
+    async def _stream(self, watch: supervisor.Watch) -> tuple[str, dict[str, Any]]:
+        writer, encoder, accumulator, stream = self.runtime.writer, self.encoder, self.accumulator, self.stream
+        assert encoder is not None and accumulator is not None
+        limit = self.settings.max_stream_events
+        in_stream_error: UpstreamError | None = None
+        async with self.runtime.upstream.open(self.endpoint, self.request) as events:
+            async for event in events:
+                watch.last_event = time.monotonic()
+                if event.data == DONE_MARKER:
+                    break
+                try:
+                    chunk = jsonutil.loads(event.data)
+                except ValueError:
+                    raise UpstreamStreamError(
+                        make_error("upstream_error", "the upstream sent data that is not JSON")
+                    ) from None
+                self.pending = writer.append(stream, *encoder.delta(event.data))
+                self.deltas += 1
+                accumulator.add(chunk, event.event)
+                # An error inside the stream is final, but what the upstream sends after it
+                # (OpenAI's response.failed) is still published: the job ends when the stream does.
+                in_stream_error = in_stream_error or stream_error(event, chunk)
+                if stream in writer.fenced:
+                    raise Fenced
+                if self.deltas >= limit:
+                    raise UpstreamStreamError(
+                        make_error("upstream_error", f"the upstream sent over {limit} events; the job was stopped")
+                    )
+                if writer.backlog > BACKLOG_LIMIT:
+                    await self.pending
+        if in_stream_error is not None:
+            raise in_stream_error
+        return DONE, {"result": accumulator.result()}
+
+    def _timeout(self, reason: str) -> UpstreamTimeout:
+        if reason == supervisor.FIRST_BYTE:
+            seconds = self.settings.first_byte_timeout_seconds
+            message = f"the upstream sent no event within {seconds:g} s (first byte timeout)"
+        else:
+            seconds = self.settings.idle_timeout_seconds
+            message = f"the upstream went silent for {seconds:g} s mid-stream (idle timeout)"
+        return UpstreamTimeout(make_error("timeout", message))
 
     def _partial(self) -> Any:
-        return self.accumulator.result() if self.deltas else None
+        return self.accumulator.result() if self.accumulator is not None and self.deltas else None
 
-    async def _drain(self) -> None:
-        """Wait until this attempt's deltas are in Redis, so the terminal event lands after them."""
-        if self.pending is not None:
-            await self.pending
+    async def _retry_or_not(self, failure: UpstreamError) -> float | None:
+        """Announce a retry and return its delay, or None when the attempts are spent."""
+        assert self.start is not None and self.encoder is not None
+        if self.start.attempt >= self.settings.max_attempts:
+            return None
+        delay = self._backoff(failure)
+        data = {"attempt": self.start.attempt, "error": failure.error, "delay_s": round(delay, 3)}
+        # Batches are written in order: once the retry is in, so are the attempt's deltas.
+        await self.runtime.writer.append(self.stream, *self.encoder.event(RETRY, data))
         if self.stream in self.runtime.writer.fenced:
             raise Fenced
+        logger.info(
+            "job %s: attempt %d failed (%s); retry in %.2fs",
+            self.job_id,
+            self.start.attempt,
+            failure.error["message"],
+            delay,
+        )
+        self.accumulator = None  # the void attempt's text is no one's partial result
+        return delay
 
-    async def _announce_retry(self) -> None:
-        assert self.encoder is not None
-        error = make_error("worker_lost", "the worker shut down; the job goes back to the queue")
-        retry = self.encoder.event(RETRY, {"attempt": self.attempt, "error": error, "delay_s": 0})
-        # Batches are written in order: once this one is in, so are the deltas before it.
-        await self.runtime.writer.append(self.stream, *retry)
+    def _backoff(self, failure: UpstreamError) -> float:
+        assert self.start is not None
+        if isinstance(failure, UpstreamHTTPError) and failure.retry_after is not None:
+            return float(min(failure.retry_after, self.settings.job_deadline_seconds))
+        exponential = self.settings.retry_base_seconds * 2 ** (self.start.attempt - 1)
+        return float(min(self.settings.retry_max_seconds, exponential) * random.uniform(0.5, 1.0))
+
+    async def _last_retry_error(self) -> Error:
+        """The error of the last failed attempt, for a job whose attempts are spent."""
+        entries = await self.runtime.redis.xrevrange(self.stream, count=10)
+        for event in await StreamDecoder(self.runtime.redis, self.stream).decode(entries):
+            if event.type == RETRY:
+                error: Error = event.data["error"]
+                return error
+        return make_error("internal", "the job's attempts are spent")
+
+    async def _end(self, kind: str, data: dict[str, Any], began: float) -> None:
+        if self.pending is not None:
+            await self.pending  # the deltas first, then the terminal event
+        if self.stream in self.runtime.writer.fenced:
+            raise Fenced
+        started_id = self.start.started_id if self.start is not None else None
+        ended = await self.runtime.jobs.end(self.job_id, kind, data, started_id=started_id)
+        logger.info(
+            "job %s: %s after %d deltas in %.3fs (attempt %d)",
+            self.job_id,
+            kind if ended else f"{kind} not written (the job had ended or moved on)",
+            self.deltas,
+            time.monotonic() - began,
+            self.start.attempt if self.start is not None else 0,
+        )
+
+    async def _hand_back(self) -> None:
+        """Shutdown mid-job: announce the void attempt and drop the lease; arq requeues the job."""
+        if self.start is not None and self.encoder is not None and self.accumulator is not None:
+            error = make_error("worker_lost", "the worker shut down; the job goes back to the queue")
+            retry = self.encoder.event(RETRY, {"attempt": self.start.attempt, "error": error, "delay_s": 0})
+            await self.runtime.writer.append(self.stream, *retry)
+        await self.runtime.jobs.release(self.job_id)
+        logger.info("job %s: handed back to the queue", self.job_id)

@@ -1,9 +1,9 @@
 """Running a worker process: arq's ``Worker``, built inside a running uvloop loop.
 
-Delivery guarantee: every job's stream ends with exactly one terminal event, and a consumer that reads
-it to the end sees each upstream event of the attempt that finished once, in upstream order; what is
-not promised is that an upstream request runs only once (arq is at-least-once, so a job whose worker
-dies or shuts down runs again as a new, announced attempt).
+Delivery guarantee: every submitted job ends with exactly one terminal event, the last in its
+stream, and a reader sees each upstream event of every attempt once, in order, with the attempts
+that failed marked void by a ``retry`` event; an upstream request may run more than once (a retry,
+or a worker lost mid-job), and nothing survives a Redis that restarts without persistence.
 """
 
 from __future__ import annotations
@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import uvloop
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import connection, queue
+from shared import connection, keys, queue
+from shared.models import ERROR, make_error
 from shared.settings import Settings
 
 from . import heartbeat
@@ -25,25 +29,82 @@ from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
+ARQ_MAX_TRIES = 1000
+"""arq's own try limit, out of the way: the fleet bounds attempts itself (``max_attempts``), because
+when arq's tries run out it never calls the job, and nothing would end the job's stream."""
+
+
+class FleetWorker(Worker):
+    """arq's Worker, with the two things arq leaves to its user.
+
+    - A job arq gives up on without calling the job function (expired in the queue, unreadable
+      payload) still gets its terminal ``error`` event.
+    - A Redis that blinks does not kill the poll loop: it waits and polls again.
+    """
+
+    def __init__(self, runtime: Runtime, **kwargs: Any) -> None:
+        self.runtime = runtime
+        super().__init__(**kwargs)
+        self._poll_failures = 0
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+            self._poll_failures = 0
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self._poll_failures += 1
+            delay = min(0.05 * 2**self._poll_failures, 2.0)
+            logger.warning("polling the queue failed (%s); again in %.2fs", exc, delay)
+            await asyncio.sleep(delay)
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        expired = not await self.pool.exists(keys.arq_job(job_id))
+        await super().finish_failed_job(job_id, result_data)
+        if expired:
+            error = make_error("timeout", "the job expired in the queue before a worker took it")
+        else:
+            error = make_error("internal", "the job could not be run: its queue entry is unreadable")
+        if await self.runtime.jobs.end(job_id, ERROR, {"error": error, "partial": None}):
+            logger.warning("job %s: error (%s)", job_id, error["message"])
+
 
 def build_worker(runtime: Runtime, redis: ArqRedis, *, concurrency: int, burst: bool) -> Worker:
     """arq's Worker from explicit keyword arguments; must run inside the loop it will use."""
     settings = runtime.settings
-    return Worker(
-        functions=[func(generate, name=queue.FUNCTION, timeout=settings.job_timeout_seconds, max_tries=3)],
+    # arq's own timeout must never fire first: the job's deadline (supervisor) ends it properly.
+    arq_timeout = settings.job_deadline_seconds + 60
+    return FleetWorker(
+        runtime,
+        functions=[func(generate, name=queue.FUNCTION, timeout=arq_timeout, max_tries=ARQ_MAX_TRIES)],
         redis_pool=redis,
         burst=burst,
         max_jobs=concurrency,
         poll_delay=settings.poll_delay_seconds,
-        job_timeout=settings.job_timeout_seconds,
+        job_timeout=arq_timeout,
+        max_tries=ARQ_MAX_TRIES,
         keep_result=0,  # results live in the job stream, not in arq
-        allow_abort_jobs=False,  # cancellation is ours: see worker.cancel
+        allow_abort_jobs=False,  # cancellation is ours: see worker.supervisor
         handle_signals=True,
+        job_completion_wait=int(settings.shutdown_grace_seconds),
         job_serializer=queue.serialize,
         job_deserializer=queue.deserialize,
         ctx={"runtime": runtime},
         log_results=False,
     )
+
+
+async def _check_eviction_policy(redis: ArqRedis) -> None:
+    """A queue that evicts keys loses jobs: say so at start."""
+    try:
+        policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+    except Exception:  # managed Redis often forbids CONFIG
+        return
+    if policy not in (None, "noeviction"):
+        logger.warning(
+            "Redis maxmemory-policy is %s: under memory pressure it will evict queued jobs and streams; "
+            "set it to noeviction",
+            policy,
+        )
 
 
 async def serve(settings: Settings, *, concurrency: int | None = None, burst: bool = False) -> None:
@@ -56,7 +117,8 @@ async def serve(settings: Settings, *, concurrency: int | None = None, burst: bo
     )
     runtime = Runtime.create(settings, redis)
     worker = build_worker(runtime, redis, concurrency=concurrency or settings.concurrency, burst=burst)
-    runtime.cancels.start()
+    await _check_eviction_policy(redis)
+    runtime.supervisor.start()
     beating = asyncio.create_task(heartbeat.beat(runtime))
     logger.info("worker %s: taking jobs (concurrency %d)", runtime.worker_id, worker.max_jobs)
     try:

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from shared.settings import Settings
 from shared.transitions import JobStream
 
-from .cancel import Cancellations
+from .supervisor import Supervisor
 from .upstream import Upstream
 from .writer import StreamWriter
 
@@ -24,10 +24,8 @@ class Runtime:
     jobs: JobStream
     writer: StreamWriter
     upstream: Upstream
-    cancels: Cancellations
-    worker_id: str = field(
-        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    )
+    supervisor: Supervisor
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 
     @classmethod
     def create(cls, settings: Settings, redis: Redis) -> Runtime:
@@ -37,9 +35,9 @@ class Runtime:
             jobs=JobStream(redis, ttl_seconds=settings.stream_ttl_seconds),
             writer=StreamWriter(redis),
             upstream=Upstream(settings),
-            cancels=Cancellations(redis),
+            supervisor=Supervisor(redis, settings),
         )
 
     async def aclose(self) -> None:
-        await self.cancels.aclose()
+        await self.supervisor.aclose()
         await self.upstream.aclose()

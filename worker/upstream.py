@@ -39,9 +39,7 @@ class UpstreamHTTPError(UpstreamError):
     def __init__(self, status: int, body: Any, retry_after: float | None) -> None:
         message = _message_of(body) or f"HTTP {status}"
         super().__init__(
-            make_error(
-                "upstream_error", f"upstream answered {status}: {message}", status=status, upstream=body
-            )
+            make_error("upstream_error", f"upstream answered {status}: {message}", status=status, upstream=body)
         )
         self.status = status
         self.retry_after = retry_after
@@ -128,12 +126,14 @@ class Upstream:
         headers = {"accept": "text/event-stream", "content-type": "application/json"}
         if settings.upstream_api_key is not None:
             headers["authorization"] = "Bearer " + settings.upstream_api_key.get_secret_value()
+        self._connect_timeout = settings.connect_timeout_seconds
         self._client = httpx.AsyncClient(
             base_url=settings.upstream_base_url.rstrip("/"),
             headers=headers,
+            # Read timeouts are the supervisor's (first byte, idle): one check per tick, not a timer per read.
             timeout=httpx.Timeout(
                 connect=settings.connect_timeout_seconds,
-                read=settings.read_timeout_seconds,
+                read=None,
                 write=settings.connect_timeout_seconds,
                 pool=None,
             ),
@@ -153,9 +153,7 @@ class Upstream:
             # The fleet's result carries usage; OpenAI sends it only when asked.
             body["stream_options"] = {"include_usage": True}
         try:
-            async with self._client.stream(
-                "POST", UPSTREAM_PATHS[endpoint], content=jsonutil.dumps(body)
-            ) as response:
+            async with self._client.stream("POST", UPSTREAM_PATHS[endpoint], content=jsonutil.dumps(body)) as response:
                 if response.status_code >= 300:
                     raw = await response.aread()
                     try:
@@ -164,18 +162,18 @@ class Upstream:
                         error_body = raw[:2048].decode("utf-8", "replace")
                     raise UpstreamHTTPError(response.status_code, error_body, _retry_after(response))
                 yield _events(response)
-        except httpx.ConnectError as exc:
+        except httpx.ConnectTimeout as exc:
+            raise UpstreamTimeout(
+                make_error(
+                    "timeout", f"connecting to the upstream took over {self._connect_timeout:g} s (connect timeout)"
+                )
+            ) from exc
+        except (httpx.ConnectError, httpx.WriteError) as exc:
             raise UpstreamUnreachable(
                 make_error("upstream_unreachable", f"cannot connect to the upstream: {exc}")
             ) from exc
-        except httpx.ConnectTimeout as exc:
-            raise UpstreamUnreachable(
-                make_error("upstream_unreachable", "connecting to the upstream timed out")
-            ) from exc
-        except httpx.ReadTimeout as exc:
-            raise UpstreamTimeout(
-                make_error("timeout", "the upstream sent nothing within the read timeout")
-            ) from exc
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(make_error("timeout", f"the upstream timed out: {exc}")) from exc
         except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
             raise UpstreamCut(make_error("upstream_error", f"the upstream stream broke off: {exc}")) from exc
 
