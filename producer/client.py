@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared import connection, jsonutil, keys, queue
 from shared.errors import InvalidRequest, JobCancelled, JobFailed, StreamfleetError, UnknownJob
 from shared.jobstream import StreamDecoder, parse_id
-from shared.models import CANCELLED, DONE, ERROR, QUEUED, Event, Result, validate_request
+from shared.models import CANCELLED, DELTA, DONE, ERROR, QUEUED, RETRY, Event, Result, validate_request
 from shared.settings import Settings
 from shared.transitions import JobStream
 
@@ -154,7 +154,8 @@ class FleetClient:
         terminal event. Raises ``UnknownJob`` at once for an id with no stream.
 
         A Redis connection that drops is reopened with backoff; reading resumes after the last
-        event yielded, so nothing is missed or repeated.
+        event yielded, so nothing is missed or repeated. Deltas of an attempt already known to be
+        void (its ``retry`` is in the same read) are left out; the ``retry`` itself is yielded.
         """
         position = _parse_cursor(after)
         last = await self.last_event(job_id)
@@ -176,8 +177,13 @@ class FleetClient:
             delay = 0.05
             if not events and not await self.redis.exists(stream):
                 raise UnknownJob(job_id)
+            # Deltas of an attempt whose `retry` is already in hand are void: a reader catching up
+            # never sees them. A live reader got them before the retry, which tells it to drop them.
+            void = {event.data["attempt"] for event in events if event.type == RETRY}
             for event in events:
                 cursor = event.id
+                if void and event.type == DELTA and event.data["attempt"] in void:
+                    continue
                 yield event
                 if event.terminal:
                     return

@@ -59,6 +59,12 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancel'} end
 local ttl = redis.call('TTL', KEYS[1])
 local n = redis.call('INCR', KEYS[4])
 if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
+if t ~= 'queued' and t ~= 'retry' then
+  -- The previous attempt ended without a word (its worker was lost): void it before the next.
+  redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', 'retry', 'd', '{"attempt":' .. (n - 1) ..
+    ',"error":{"type":"worker_lost","message":"the attempt ended without a word: its worker was lost",' ..
+    '"status":null,"upstream":null},"delay_s":0}')
+end
 if n > tonumber(ARGV[3]) then return {'exhausted', n} end
 local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', 'started', 'd', '{"attempt":' .. n .. '}')
 redis.call('SET', KEYS[3], id)
@@ -130,6 +136,15 @@ return #ARGV - 1
 """
 )
 
+# KEYS: running, arq in-progress, arq queue. ARGV: job id.
+# A worker shutting down gives a running job back: runnable at once by another worker.
+_HAND_BACK = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+redis.call('ZADD', KEYS[3], 'NX', redis.call('TIME')[1] * 1000, ARGV[1])
+return 1
+"""
+
 # KEYS: running. ARGV: how many. The jobs whose lease has lapsed.
 _LAPSED = (
     _LAST_TYPE
@@ -192,6 +207,7 @@ class JobStream:
         self._reclaim = redis.register_script(_RECLAIM)
         self._renew = redis.register_script(_RENEW)
         self._lapsed = redis.register_script(_LAPSED)
+        self._hand_back = redis.register_script(_HAND_BACK)
 
     async def submit(
         self,
@@ -266,9 +282,10 @@ class JobStream:
         """Running jobs whose lease has lapsed."""
         return [_text(job_id) for job_id in await self._lapsed(keys=[keys.RUNNING], args=[limit])]
 
-    async def release(self, job_id: str) -> None:
-        """Drop a job's lease: its worker handed it back to the queue."""
-        await self.redis.zrem(keys.RUNNING, job_id)
+    async def hand_back(self, job_id: str) -> None:
+        """Give a running job back to the queue (its worker is shutting down): drop its lease and
+        arq's in-progress mark, so another worker takes it now."""
+        await self._hand_back(keys=[keys.RUNNING, keys.arq_in_progress(job_id), keys.QUEUE], args=[job_id])
 
     async def reclaim(self, job_id: str) -> str:
         """Give a job whose lease lapsed to another worker: ``requeued``, ``lost`` (ended in error),

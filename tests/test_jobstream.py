@@ -75,7 +75,7 @@ async def test_only_the_attempt_that_owns_the_job_can_end_it(jobs: JobStream, cl
     with pytest.raises(redis.exceptions.ResponseError):
         await client.xadd(keys.events("j3"), fields, id=entry_id, nomkstream=True)  # type: ignore[arg-type]
     assert await jobs.end("j3", DONE, {"result": None}, started_id=second.started_id) is not None
-    assert await types(client, "j3") == ["queued", "started", "started", "done"]
+    assert await types(client, "j3") == ["queued", "started", "retry", "started", "done"]
 
 
 async def test_no_write_recreates_an_expired_stream(jobs: JobStream, sync_redis: redis.Redis) -> None:

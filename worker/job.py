@@ -18,6 +18,10 @@ import random
 import time
 from typing import Any
 
+from arq.worker import Retry as ArqRetry
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from shared import jsonutil, keys
 from shared.accumulate import Accumulator, accumulator_for
 from shared.jobstream import DeltaEncoder, StreamDecoder
@@ -35,9 +39,22 @@ DONE_MARKER = b"[DONE]"
 
 
 async def generate(ctx: dict[str, Any], *, endpoint: str, request: dict[str, Any]) -> None:
-    """arq job function: run the generation ``ctx["job_id"]`` to its terminal event."""
+    """arq job function: run the generation ``ctx["job_id"]`` to its terminal event.
+
+    When Redis cannot be reached the job goes back to arq's queue (``Retry``) instead of failing,
+    since arq drops a job whose function raised; its next attempt is announced as usual.
+    """
     runtime: Runtime = ctx["runtime"]
-    await Job(runtime, ctx["job_id"], endpoint, request).run()
+    job_id = ctx["job_id"]
+    try:
+        await Job(runtime, job_id, endpoint, request).run()
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        logger.warning("job %s: Redis unreachable (%s); back to the queue", job_id, exc)
+        raise ArqRetry(defer=1) from exc
+    except Exception as exc:  # a bug: the job still gets its one terminal event
+        logger.exception("job %s: internal error", job_id)
+        error = make_error("internal", f"the worker failed: {type(exc).__name__}")
+        await runtime.jobs.end(job_id, ERROR, {"error": error, "partial": None})
 
 
 class Fenced(Exception):
@@ -236,10 +253,10 @@ class Job:
         )
 
     async def _hand_back(self) -> None:
-        """Shutdown mid-job: announce the void attempt and drop the lease; arq requeues the job."""
+        """Shutdown mid-job: announce the void attempt and put the job back in the queue."""
         if self.start is not None and self.encoder is not None and self.accumulator is not None:
             error = make_error("worker_lost", "the worker shut down; the job goes back to the queue")
             retry = self.encoder.event(RETRY, {"attempt": self.start.attempt, "error": error, "delay_s": 0})
             await self.runtime.writer.append(self.stream, *retry)
-        await self.runtime.jobs.release(self.job_id)
+        await self.runtime.jobs.hand_back(self.job_id)
         logger.info("job %s: handed back to the queue", self.job_id)

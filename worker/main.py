@@ -124,6 +124,9 @@ async def serve(settings: Settings, *, concurrency: int | None = None, burst: bo
     try:
         with contextlib.suppress(asyncio.CancelledError):
             await worker.async_run()
+        # arq's own bookkeeping of the jobs it just cancelled must reach Redis before we close it.
+        if worker.tasks:
+            await asyncio.wait(list(worker.tasks.values()), timeout=5)
     finally:
         beating.cancel()
         with contextlib.suppress(asyncio.CancelledError):

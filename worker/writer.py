@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.jobstream import Fields
 
 logger = logging.getLogger(__name__)
 
+RETRY_FOR_S = 30.0
+"""How long a batch is retried while Redis is unreachable before its jobs are failed."""
 BACKLOG_LIMIT = 20_000
 """Entries waiting to be written beyond which appending jobs wait for Redis (backpressure)."""
 
@@ -65,23 +70,43 @@ class StreamWriter:
                 self._batch, self._batch_done = [], None
                 assert done is not None
                 try:
-                    pipe = self._redis.pipeline(transaction=False)
-                    for stream, entry_id, fields in batch:
-                        pipe.execute_command("XADD", stream, "NOMKSTREAM", entry_id, *_flat(fields))
-                    replies = await pipe.execute(raise_on_error=False)
+                    await self._write(batch)
                 except Exception as exc:
                     logger.warning("writing %d entries failed: %s", len(batch), exc)
                     done.set_exception(exc)
                     done.exception()  # retrieved: every waiter still gets it, nobody else is told
                 else:
-                    for (stream, _, _), reply in zip(batch, replies, strict=True):
-                        if reply is None or isinstance(reply, ResponseError):
-                            self.fenced.add(stream)
                     self.entries_written += len(batch)
                     self.batches_written += 1
                     done.set_result(None)
         finally:
             self._flusher = None
+
+    async def _write(self, batch: list[tuple[str, bytes, Fields]]) -> None:
+        """Write one batch; while Redis is unreachable, again with backoff, for up to ``RETRY_FOR_S``.
+
+        Replaying a batch is safe because every entry has its id: Redis refuses one it already has.
+        A refusal on a replay is checked, since the entry may be ours from before the connection broke.
+        """
+        delay, give_up, replay = 0.05, time.monotonic() + RETRY_FOR_S, False
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for stream, entry_id, fields in batch:
+                        pipe.execute_command("XADD", stream, "NOMKSTREAM", entry_id, *_flat(fields))
+                    replies = await pipe.execute(raise_on_error=False)
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if time.monotonic() > give_up:
+                    raise
+                logger.warning("Redis unreachable while publishing (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay, replay = min(delay * 2, 1.0), True
+        for (stream, entry_id, _), reply in zip(batch, replies, strict=True):
+            if reply is None or isinstance(reply, ResponseError):
+                if replay and reply is not None and await self._redis.xrange(stream, entry_id, entry_id):
+                    continue
+                self.fenced.add(stream)
 
 
 def _flat(fields: Fields) -> list[bytes]:
