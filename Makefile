@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test soak lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+soak: $(STAMP)
+	STREAMFLEET_SOAK_JOBS=$${STREAMFLEET_SOAK_JOBS:-300} $(BIN)/python -m pytest -m soak -s -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -8,6 +8,7 @@ Every test runs on uvloop, as the workers do.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -195,18 +196,21 @@ def start_worker(fleet_env: dict[str, str], sync_redis: redis.Redis) -> Iterator
     """Start worker processes (``python -m worker``); each is ready when its heartbeat shows."""
     processes: list[subprocess.Popen[bytes]] = []
 
+    def heartbeat_of(pid: int) -> bool:
+        for key in sync_redis.scan_iter(match=keys.WORKER_PREFIX + "*"):
+            record = sync_redis.get(key)
+            if record and json.loads(record).get("pid") == pid:
+                return True
+        return False
+
     def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> subprocess.Popen[bytes]:
-        before = len(list(sync_redis.scan_iter(match=keys.WORKER_PREFIX + "*")))
         process = subprocess.Popen(
             [sys.executable, "-m", "worker", *args],
             env={**os.environ, **fleet_env, **(env or {})},
         )
         processes.append(process)
         if wait:
-            wait_until(
-                lambda: len(list(sync_redis.scan_iter(match=keys.WORKER_PREFIX + "*"))) > before,
-                what="the worker's heartbeat",
-            )
+            wait_until(lambda: heartbeat_of(process.pid), what="the worker's heartbeat")
         return process
 
     yield start
