@@ -92,7 +92,7 @@ async def test_soak(fleet: FleetClient, start_worker: WorkerFactory) -> None:
         requests[job_id] = request
         if index % 4 == 0:
             followers.append(asyncio.create_task(follow(job_id)))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.12)  # spread over long enough for a kill every few seconds
 
     ends = await asyncio.gather(*(fleet.wait(job_id, timeout=240) for job_id in requests), return_exceptions=True)
     stop.set()
