@@ -214,6 +214,21 @@ def worker(
 
 
 @app.command()
+def gateway(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+) -> None:
+    """Run the HTTP gateway (jobs API, OpenAI-compatible routes)."""
+    from .gateway import serve
+
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        serve(settings(), host=host, port=port)
+    except StreamfleetError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
 def simulator(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 9000,

@@ -107,12 +107,14 @@ class FleetClient:
         *,
         endpoint: str = "chat.completions",
         idempotency_key: str | None = None,
+        tenant: str | None = None,
     ) -> str:
         """Queue a generation; return its job id. Raises ``InvalidRequest`` before queuing anything.
 
         :param request: the OpenAI request body; fields the fleet does not know pass through.
         :param endpoint: ``"chat.completions"`` or ``"responses"``.
         :param idempotency_key: the same key returns the same job id and runs one job.
+        :param tenant: who submits (the gateway's tenants); idempotency keys are per tenant.
         """
         validate_request(request, endpoint)
         size = len(jsonutil.dumps(request))
@@ -133,11 +135,17 @@ class FleetClient:
             arq_ttl_ms=queue.QUEUE_TTL_SECONDS * 1000,
             score_ms=now_ms,
             queue_ttl_seconds=queue.QUEUE_TTL_SECONDS + int(self.settings.job_deadline_seconds) * 2,
-            idempotency_key=idempotency_key,
+            idempotency_key=f"{tenant}:{idempotency_key}" if tenant and idempotency_key else idempotency_key,
             idempotency_ttl_seconds=IDEMPOTENCY_TTL_SECONDS,
+            tenant=tenant,
         )
         logger.info("job %s: queued (%s)", submitted, endpoint)
         return submitted
+
+    async def tenant_of(self, job_id: str) -> str | None:
+        """The tenant that submitted the job through the gateway, if any."""
+        tenant = await self.redis.get(keys.tenant(job_id))
+        return tenant.decode() if tenant else None
 
     async def last_event(self, job_id: str) -> Event:
         """The job's most recent event; raises ``UnknownJob``."""

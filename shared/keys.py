@@ -42,6 +42,11 @@ def attempts(job_id: str) -> str:
     return f"sf:{{{job_id}}}:attempts"
 
 
+def tenant(job_id: str) -> str:
+    """Which gateway tenant submitted the job (a hash of its key, never the key)."""
+    return f"sf:{{{job_id}}}:tenant"
+
+
 def idempotency(key: str) -> str:
     """Maps a caller's idempotency key to the job id it created."""
     return f"sf:idem:{key}"

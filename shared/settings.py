@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     """On SIGTERM, how long running jobs may go on before they are handed back (Kubernetes'
     terminationGracePeriodSeconds is 30 by default)."""
 
+    # Gateway tuning.
+    gateway_ping_seconds: float = Field(default=15, gt=0)
+    """How often an idle SSE response gets a ``: ping`` comment."""
+
     # Client tuning.
     max_request_bytes: int = Field(default=1_000_000, gt=0)
     """Largest request body accepted at submit."""

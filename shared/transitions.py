@@ -30,8 +30,9 @@ local function now_ms()
 end
 """
 
-# KEYS: events, arq job, arq queue, idempotency key or "" for none.
-# ARGV: job id, queued data, arq job payload, arq job ttl ms, queue score ms, stream ttl s, idem ttl s.
+# KEYS: events, arq job, arq queue, idempotency key or "", tenant.
+# ARGV: job id, queued data, arq job payload, arq job ttl ms, queue score ms, stream ttl s, idem ttl s,
+# tenant or "".
 _SUBMIT = """
 if KEYS[4] ~= '' then
   local existing = redis.call('GET', KEYS[4])
@@ -40,6 +41,7 @@ if KEYS[4] ~= '' then
 end
 redis.call('XADD', KEYS[1], '*', 't', 'queued', 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
+if ARGV[8] ~= '' then redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[6]) end
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 return ARGV[1]
@@ -74,7 +76,7 @@ return {'started', n, id}
 """
 )
 
-# KEYS: events, owner, attempts, running. ARGV: type, data, ttl s, the ending attempt's started id
+# KEYS: events, owner, attempts, running, tenant. ARGV: type, data, ttl s, the ending attempt's started id
 # or "", job id. Returns the entry id, or false when the stream is gone, has ended, or belongs to
 # another attempt.
 _TERMINAL = (
@@ -87,6 +89,7 @@ local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', ARGV[1], 'd', ARG
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[5], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[5])
 return id
 """
@@ -153,7 +156,7 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumb
 """
 )
 
-# KEYS: events, cancel flag, arq in-progress, arq job, arq queue.
+# KEYS: events, cancel flag, arq in-progress, arq job, arq queue, tenant.
 # ARGV: job id, cancelled data, stream ttl s, cancel channel.
 # A job no worker holds is taken off the queue and ends here; a running one is told over pub/sub
 # (and by the flag, which a worker checks when it starts an attempt and every second while it runs).
@@ -169,6 +172,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('DEL', KEYS[4])
   redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', 'cancelled', 'd', ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[6], ARGV[3])
   return 'cancelled'
 end
 redis.call('PUBLISH', ARGV[4], ARGV[1])
@@ -220,6 +224,7 @@ class JobStream:
         queue_ttl_seconds: int,
         idempotency_key: str | None,
         idempotency_ttl_seconds: int,
+        tenant: str | None = None,
     ) -> str:
         """Write ``queued`` and enqueue the arq job in one step; return the job id.
 
@@ -231,6 +236,7 @@ class JobStream:
                 keys.arq_job(job_id),
                 keys.QUEUE,
                 keys.idempotency(idempotency_key) if idempotency_key else "",
+                keys.tenant(job_id),
             ],
             args=[
                 job_id,
@@ -240,6 +246,7 @@ class JobStream:
                 score_ms,
                 queue_ttl_seconds,
                 idempotency_ttl_seconds,
+                tenant or "",
             ],
         )
         return _text(result)
@@ -268,7 +275,7 @@ class JobStream:
         """
         assert type in TERMINAL_TYPES, type
         result = await self._terminal(
-            keys=[keys.events(job_id), keys.attempt(job_id), keys.attempts(job_id), keys.RUNNING],
+            keys=[keys.events(job_id), keys.attempt(job_id), keys.attempts(job_id), keys.RUNNING, keys.tenant(job_id)],
             args=[type, jsonutil.dumps(data), self.ttl_seconds, started_id or "", job_id],
         )
         return _text(result) if result else None
@@ -315,6 +322,7 @@ class JobStream:
                 keys.arq_in_progress(job_id),
                 keys.arq_job(job_id),
                 keys.QUEUE,
+                keys.tenant(job_id),
             ],
             args=[job_id, jsonutil.dumps({"partial": None}), self.ttl_seconds, keys.CANCEL_CHANNEL],
         )

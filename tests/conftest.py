@@ -230,3 +230,26 @@ def cli(
         text=True,
         timeout=timeout,
     )
+
+
+GatewayFactory = Callable[..., str]
+
+
+@pytest.fixture
+def start_gateway(fleet_env: dict[str, str]) -> Iterator[GatewayFactory]:
+    """Start gateway processes (``streamfleet gateway``); returns the base URL once it answers."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> str:
+        port = free_port()
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "streamfleet"), "gateway", "--port", str(port), *args],
+            env={**os.environ, **fleet_env, "STREAMFLEET_GATEWAY_PING_SECONDS": "0.5", **(env or {})},
+        )
+        processes.append(process)
+        wait_until(lambda: port_open(port), what="the gateway")
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for process in processes:
+        stop_process(process)

@@ -1,0 +1,147 @@
+"""The HTTP gateway (CONTRACT section 7): the jobs API, OpenAI-compatible routes, health and metrics.
+
+One ``FleetClient`` and one ``FanOut`` per process, made in the lifespan. Errors are JSON in
+OpenAI's shape, ``{"error": {"message", "type", "code"}}``: 4xx for what the caller sent wrong, 404
+for an unknown job (or another tenant's), 5xx only for the fleet's own faults.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.errors import InvalidRequest, JobEnded, UnknownJob
+from shared.settings import Settings
+
+from ..client import FleetClient
+from . import jobs, metrics, openai
+from .auth import Auth
+from .fanout import FanOut
+from .state import Gateway
+
+logger = logging.getLogger(__name__)
+
+
+def error_body(status: int, message: str, type_: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status)
+
+
+class BodyLimit:
+    """Refuses a request body larger than the limit (413) before the application reads it all."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await error_body(413, f"the request body is over {self.limit} bytes", "invalid_request_error")(
+                scope, receive, send
+            )
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"the request body is over {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway as an ASGI app."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with FleetClient(settings) as fleet:
+            fanout = FanOut(fleet.redis)
+            fanout.start()
+            app.state.gateway = Gateway(
+                fleet=fleet,
+                fanout=fanout,
+                auth=Auth(settings),
+                settings=settings,
+                ping_interval=settings.gateway_ping_seconds,
+            )
+            try:
+                yield
+            finally:
+                await fanout.aclose()
+
+    app = FastAPI(
+        title="streamfleet gateway",
+        version="0.1.0",
+        description="Jobs API with resumable SSE, and OpenAI-compatible chat completions and background "
+        "responses, in front of a streamfleet fleet.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(metrics.RequestMetrics)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+
+    @app.exception_handler(InvalidRequest)
+    async def invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
+        return error_body(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(UnknownJob)
+    async def unknown(request: Request, exc: UnknownJob) -> JSONResponse:
+        return error_body(404, str(exc), "not_found_error")
+
+    @app.exception_handler(JobEnded)
+    async def ended(request: Request, exc: JobEnded) -> JSONResponse:
+        return error_body(502, str(exc), "upstream_error")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kinds = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+        return error_body(exc.status_code, str(exc.detail), kinds.get(exc.status_code, "invalid_request_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(part) for part in first.get("loc", ())) or "body"
+        return error_body(400, f"{where}: {first.get('msg')}", "invalid_request_error")
+
+    @app.exception_handler(RedisError)
+    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        logger.warning("Redis error serving %s: %s", request.url.path, exc)
+        return error_body(503, "the fleet's Redis is unreachable; try again", "service_unavailable")
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz(request: Request) -> JSONResponse:
+        """Liveness, with Redis reachability."""
+        gateway: Gateway = request.app.state.gateway
+        try:
+            await gateway.fleet.redis.ping()
+        except RedisError as exc:
+            return JSONResponse({"status": "degraded", "redis": False, "error": str(exc)}, 503)
+        return JSONResponse({"status": "ok", "redis": True})
+
+    @app.get("/metrics", tags=["health"])
+    async def prometheus(request: Request) -> Response:
+        """Prometheus metrics."""
+        gateway: Gateway = request.app.state.gateway
+        gateway.auth.tenant(request)
+        metrics.SUBSCRIBERS.set(gateway.fanout.subscribers)
+        metrics.FOLLOWED_STREAMS.set(gateway.fanout.streams)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(jobs.router)
+    app.include_router(openai.router)
+    return app

@@ -1,0 +1,141 @@
+"""The jobs API: submit, status, resumable SSE events, cancel."""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from pydantic import BaseModel, Field
+from starlette.responses import StreamingResponse
+
+from shared import jsonutil
+from shared.models import Event
+
+from . import metrics
+from .fanout import SlowSubscriber, StreamGone
+from .sse import frame, sse_response
+from .state import Gateway, gateway_of
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_CURSOR = re.compile(r"^\d+(-\d+)?$")
+
+
+class JobSubmission(BaseModel):
+    request: dict[str, Any] = Field(description="The OpenAI request body, as the upstream should get it.")
+    endpoint: Literal["chat.completions", "responses"] = "chat.completions"
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: Literal["queued"] = "queued"
+    events_url: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "error", "cancelled"]
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class _FrameCache:
+    """Every subscriber of a job gets the same bytes for an event: encode it once."""
+
+    def __init__(self, size: int = 20_000) -> None:
+        self._frames: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._size = size
+
+    def get(self, job_id: str, event: Event) -> bytes:
+        key = (job_id, event.id)
+        cached = self._frames.get(key)
+        if cached is None:
+            cached = self._frames[key] = frame(jsonutil.dumps(event.data), event=event.type, id=event.id)
+            if len(self._frames) > self._size:
+                self._frames.popitem(last=False)
+        return cached
+
+
+FRAMES = _FrameCache()
+
+
+def parse_cursor(value: str | None) -> str:
+    if value is None or value == "":
+        return "0"
+    if not _CURSOR.match(value):
+        raise HTTPException(400, f"invalid event id {value!r}: expected an id like '1700000000000-0'")
+    return value
+
+
+async def status_of(gateway: Gateway, job_id: str) -> JobStatus:
+    status = await gateway.fleet.status(job_id)
+    return JobStatus(id=job_id, status=status["status"], result=status.get("result"), error=status.get("error"))
+
+
+@router.post("", status_code=202, response_model=JobAccepted)
+async def submit(
+    body: JobSubmission,
+    request: Request,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)] = None,
+) -> JobAccepted:
+    """Queue a generation; its events are at ``events_url``."""
+    gateway = gateway_of(request)
+    tenant = gateway.auth.tenant(request)
+    job_id = await gateway.fleet.submit(
+        body.request,
+        endpoint=body.endpoint,
+        idempotency_key=body.idempotency_key or idempotency_key,
+        tenant=tenant,
+    )
+    return JobAccepted(id=job_id, events_url=f"/v1/jobs/{job_id}/events")
+
+
+@router.get("/{job_id}", response_model=JobStatus, response_model_exclude_none=True)
+async def get_job(job_id: str, request: Request) -> JobStatus:
+    """The job's status, with its result or error once it has ended."""
+    gateway = gateway_of(request)
+    await gateway.job_for(request, job_id)
+    return await status_of(gateway, job_id)
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse)
+async def job_events(
+    job_id: str,
+    request: Request,
+    after: Annotated[str | None, Query(description="Start after this event id.")] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    """The job's events as SSE, from the start or after ``Last-Event-ID`` / ``?after=``, live, until
+    the terminal event. ``: ping`` comments keep an idle connection open."""
+    gateway = gateway_of(request)
+    cursor = parse_cursor(last_event_id if last_event_id is not None else after)
+    await gateway.job_for(request, job_id)
+    return sse_response(event_frames(gateway, job_id, cursor), ping_interval=gateway.ping_interval)
+
+
+async def event_frames(gateway: Gateway, job_id: str, cursor: str) -> AsyncIterator[bytes]:
+    metrics.OPEN_STREAMS.inc()
+    try:
+        async for event in gateway.fanout.events(job_id, after=cursor):
+            metrics.EVENTS_SENT.inc()
+            yield FRAMES.get(job_id, event)
+    except SlowSubscriber:
+        metrics.SLOW_SUBSCRIBERS.inc()
+        yield b": too slow; reconnect with Last-Event-ID to resume\n\n"
+    except StreamGone:
+        yield b": the job's stream expired\n\n"
+    finally:
+        metrics.OPEN_STREAMS.dec()
+
+
+@router.post("/{job_id}/cancel", response_model=JobStatus, response_model_exclude_none=True)
+async def cancel(job_id: str, request: Request) -> JobStatus:
+    """Cancel the job (idempotent); ``cancelled`` follows on its stream within a second."""
+    gateway = gateway_of(request)
+    await gateway.job_for(request, job_id)
+    await gateway.fleet.cancel(job_id)
+    return await status_of(gateway, job_id)

@@ -1,0 +1,45 @@
+"""The gateway's Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUESTS = Counter(
+    "streamfleet_gateway_requests_total", "HTTP requests answered, by route and status", ["route", "status"]
+)
+REQUEST_SECONDS = Histogram(
+    "streamfleet_gateway_request_duration_seconds", "Time to the response's first byte, by route", ["route"]
+)
+OPEN_STREAMS = Gauge("streamfleet_gateway_open_streams", "SSE responses open now")
+SUBSCRIBERS = Gauge("streamfleet_gateway_subscribers", "Subscribers fed by the fan-out readers")
+FOLLOWED_STREAMS = Gauge("streamfleet_gateway_followed_streams", "Job streams the fan-out readers follow")
+EVENTS_SENT = Counter("streamfleet_gateway_events_sent_total", "Events written to SSE subscribers")
+SLOW_SUBSCRIBERS = Counter(
+    "streamfleet_gateway_slow_subscribers_total", "Subscribers cut off for falling too far behind"
+)
+
+
+class RequestMetrics:
+    """Counts requests by route template (not raw path: job ids would explode the label set)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                name = getattr(route, "path", "unmatched")
+                REQUESTS.labels(name, str(message["status"])).inc()
+                REQUEST_SECONDS.labels(name).observe(time.perf_counter() - started)
+            await send(message)
+
+        await self.app(scope, receive, observed)

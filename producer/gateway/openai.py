@@ -1,0 +1,260 @@
+"""OpenAI-compatible routes: Chat Completions and the Responses API with background mode, each request
+run as a fleet job, so the official SDK works unchanged against ``base_url=<gateway>/v1``.
+
+**Retries inside a job.** A retry before the client got anything is invisible. Once a client has
+been sent events of an attempt that then fails, it cannot be made to unsee them, and the next attempt
+would not repeat them word for word: its response ends with an error event instead (the job goes on
+in the fleet, and ``X-Streamfleet-Job-Id`` names it). A client that joins or resumes later is only
+ever shown the current attempt.
+
+**Background responses.** ``POST /v1/responses`` with ``background: true`` answers at once with the
+queued Response, whose id is the job id; ``GET /v1/responses/{id}?stream=true&starting_after=N``
+resumes its events after sequence number N for as long as the job is retained (no 5-minute window).
+Events keep the upstream's ``sequence_number``; where it sends none, the fleet numbers the current
+attempt's events from 0, the same way on every replay. Response ids inside events are the job id.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from shared import jsonutil, keys
+from shared.models import CANCELLED, DELTA, DONE, ERROR, RETRY, Event
+
+from . import metrics
+from .fanout import SlowSubscriber, StreamGone
+from .sse import frame, sse_response
+from .state import Gateway, gateway_of
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+JOB_HEADER = "X-Streamfleet-Job-Id"
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = jsonutil.loads(await request.body())
+    except ValueError:
+        raise HTTPException(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the request body must be a JSON object")
+    return body
+
+
+def _error_payload(error: dict[str, Any]) -> dict[str, Any]:
+    return {"error": {"message": error.get("message"), "type": error.get("type"), "code": error.get("status")}}
+
+
+def _error_status(error: dict[str, Any]) -> int:
+    status = error.get("status")
+    if isinstance(status, int) and 400 <= status < 500:
+        return status
+    return 504 if error.get("type") == "timeout" else 502
+
+
+async def _current_attempt(gateway: Gateway, job_id: str) -> int:
+    count = await gateway.fleet.redis.get(keys.attempts(job_id))
+    return int(count) if count else 1
+
+
+async def _events(gateway: Gateway, job_id: str, after: str = "0") -> AsyncIterator[Event]:
+    """The job's events for an OpenAI-shaped client: deltas of the current attempt only; a retry
+    after this client got deltas of the failing attempt ends the stream with an ``error`` event."""
+    current = await _current_attempt(gateway, job_id)
+    sent_from: int | None = None
+    metrics.OPEN_STREAMS.inc()
+    try:
+        async for event in gateway.fanout.events(job_id, after=after):
+            if event.type == DELTA:
+                attempt = event.data["attempt"]
+                if attempt < current:
+                    continue
+                current, sent_from = attempt, attempt
+                metrics.EVENTS_SENT.inc()
+                yield event
+            elif event.type == RETRY:
+                if sent_from == event.data["attempt"]:
+                    message = "the upstream failed mid-stream and the job is being retried; follow it in the jobs API"
+                    error = {"type": "upstream_error", "message": message, "status": None}
+                    yield Event(event.id, ERROR, {"error": error, "partial": None})
+                    return
+                current = event.data["attempt"] + 1
+            elif event.terminal:
+                yield event
+                return
+    except (SlowSubscriber, StreamGone):
+        error = {"type": "internal", "message": "the stream was interrupted; resume it", "status": None}
+        yield Event("0-0", ERROR, {"error": error, "partial": None})
+    finally:
+        metrics.OPEN_STREAMS.dec()
+
+
+# Chat Completions ----------------------------------------------------------------------------------
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    request: Request, idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None
+) -> Response:
+    """Run a Chat Completions request as a fleet job; ``stream: true`` answers as OpenAI does."""
+    gateway = gateway_of(request)
+    tenant = gateway.auth.tenant(request)
+    body = await _json_body(request)
+    job_id = await gateway.fleet.submit(
+        body, endpoint="chat.completions", idempotency_key=idempotency_key, tenant=tenant
+    )
+    headers = {JOB_HEADER: job_id}
+    if body.get("stream"):
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return sse_response(
+            _chat_frames(gateway, job_id, wants_usage), ping_interval=gateway.ping_interval, headers=headers
+        )
+    event = await gateway.fleet.wait(job_id, timeout=gateway.settings.job_deadline_seconds + 60)
+    if event.type == DONE:
+        return JSONResponse(event.data["result"]["completion"], headers=headers)
+    if event.type == CANCELLED:
+        return JSONResponse({"error": {"message": "the job was cancelled", "type": "cancelled"}}, 409, headers=headers)
+    return JSONResponse(_error_payload(event.data["error"]), _error_status(event.data["error"]), headers=headers)
+
+
+async def _chat_frames(gateway: Gateway, job_id: str, wants_usage: bool) -> AsyncIterator[bytes]:
+    async for event in _events(gateway, job_id):
+        if event.type == DELTA:
+            chunk = event.data["chunk"]
+            if not wants_usage and isinstance(chunk, dict):
+                # The fleet asked the upstream for usage; a client that did not ask gets none.
+                if chunk.get("choices") == [] and chunk.get("usage") is not None:
+                    continue
+                if "usage" in chunk and chunk["usage"] is None:
+                    chunk = {key: value for key, value in chunk.items() if key != "usage"}
+            yield frame(jsonutil.dumps(chunk))
+        elif event.type == DONE:
+            yield b"data: [DONE]\n\n"
+        elif event.type == ERROR:
+            yield frame(jsonutil.dumps(_error_payload(event.data["error"])))
+        elif event.type == CANCELLED:
+            yield frame(jsonutil.dumps({"error": {"message": "the job was cancelled", "type": "cancelled"}}))
+
+
+# Responses -----------------------------------------------------------------------------------------
+
+
+def _with_job_id(value: Any, job_id: str) -> Any:
+    if isinstance(value, dict) and value.get("object") == "response":
+        return {**value, "id": job_id}
+    return value
+
+
+def _response_object(job_id: str, status: str, *, model: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "background": True,
+        "model": model,
+        "output": [],
+        "usage": None,
+        "error": None,
+        "incomplete_details": None,
+        **extra,
+    }
+
+
+async def _response_of(gateway: Gateway, job_id: str) -> dict[str, Any]:
+    """The Response object of a job, as OpenAI's retrieve returns it."""
+    last = await gateway.fleet.last_event(job_id)
+    if last.type == DONE:
+        completion = last.data["result"].get("completion") or {}
+        response: dict[str, Any] = _with_job_id({**completion, "object": "response"}, job_id)
+        return response
+    if last.type == ERROR:
+        error = last.data["error"]
+        return _response_object(job_id, "failed", error={"code": error.get("type"), "message": error.get("message")})
+    if last.type == CANCELLED:
+        return _response_object(job_id, "cancelled")
+    return _response_object(job_id, "queued" if last.type == "queued" else "in_progress")
+
+
+@router.post("/responses")
+async def create_response(
+    request: Request, idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None
+) -> Response:
+    """Run a Responses API request as a fleet job; ``background: true`` answers at once."""
+    gateway = gateway_of(request)
+    tenant = gateway.auth.tenant(request)
+    body = await _json_body(request)
+    background = bool(body.get("background"))
+    upstream = {key: value for key, value in body.items() if key != "background"}  # the fleet is the background
+    job_id = await gateway.fleet.submit(upstream, endpoint="responses", idempotency_key=idempotency_key, tenant=tenant)
+    headers = {JOB_HEADER: job_id}
+    if body.get("stream"):
+        return sse_response(_response_frames(gateway, job_id, -1), ping_interval=gateway.ping_interval, headers=headers)
+    if background:
+        return JSONResponse(_response_object(job_id, "queued", model=body.get("model")), headers=headers)
+    event = await gateway.fleet.wait(job_id, timeout=gateway.settings.job_deadline_seconds + 60)
+    if event.type == ERROR:
+        return JSONResponse(_error_payload(event.data["error"]), _error_status(event.data["error"]), headers=headers)
+    return JSONResponse(await _response_of(gateway, job_id), headers=headers)
+
+
+@router.get("/responses/{job_id}")
+async def retrieve_response(
+    job_id: str,
+    request: Request,
+    stream: Annotated[bool, Query()] = False,
+    starting_after: Annotated[int, Query(ge=-1)] = -1,
+) -> Response:
+    """The Response object; with ``stream=true``, its events after ``starting_after``, live."""
+    gateway = gateway_of(request)
+    await gateway.job_for(request, job_id)
+    if stream:
+        return sse_response(_response_frames(gateway, job_id, starting_after), ping_interval=gateway.ping_interval)
+    return JSONResponse(await _response_of(gateway, job_id))
+
+
+@router.post("/responses/{job_id}/cancel")
+async def cancel_response(job_id: str, request: Request) -> Response:
+    """Cancel a background response (idempotent)."""
+    gateway = gateway_of(request)
+    await gateway.job_for(request, job_id)
+    if await gateway.fleet.cancel(job_id) == "signalled":
+        try:
+            await gateway.fleet.wait(job_id, timeout=2)
+        except TimeoutError:
+            pass
+    return JSONResponse(await _response_of(gateway, job_id))
+
+
+async def _response_frames(gateway: Gateway, job_id: str, starting_after: int) -> AsyncIterator[bytes]:
+    number = 0
+    async for event in _events(gateway, job_id):
+        if event.type == DELTA:
+            chunk = event.data["chunk"]
+            if not isinstance(chunk, dict):
+                continue
+            sequence = chunk.get("sequence_number")
+            if not isinstance(sequence, int):
+                sequence = number
+                chunk = {**chunk, "sequence_number": sequence}
+            number += 1
+            if sequence <= starting_after:
+                continue
+            if isinstance(chunk.get("response"), dict):
+                chunk = {**chunk, "response": _with_job_id(chunk["response"], job_id)}
+            yield frame(jsonutil.dumps(chunk), event=str(chunk.get("type") or "message"))
+        elif event.type == ERROR:
+            error = event.data["error"]
+            payload = {
+                "type": "error",
+                "code": error.get("type"),
+                "message": error.get("message"),
+                "param": None,
+                "sequence_number": number,
+            }
+            yield frame(jsonutil.dumps(payload), event="error")

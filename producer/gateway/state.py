@@ -1,0 +1,35 @@
+"""What every route of one gateway process shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import HTTPException, Request
+
+from shared.settings import Settings
+
+from ..client import FleetClient
+from .auth import Auth
+from .fanout import FanOut
+
+
+@dataclass
+class Gateway:
+    fleet: FleetClient
+    fanout: FanOut
+    auth: Auth
+    settings: Settings
+    ping_interval: float
+
+    async def job_for(self, request: Request, job_id: str) -> str | None:
+        """Check the caller may see ``job_id``; return its tenant. Another tenant's job is a 404."""
+        tenant = self.auth.tenant(request)
+        await self.fleet.last_event(job_id)  # UnknownJob -> 404
+        if tenant is not None and await self.fleet.tenant_of(job_id) != tenant:
+            raise HTTPException(404, f"unknown job id {job_id!r}")
+        return tenant
+
+
+def gateway_of(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
