@@ -84,7 +84,7 @@ async def test_jobs_api_fifty_subscribers_resume_and_late_join(gateway: str) -> 
 
 async def test_idle_streams_get_pings_and_cancel_ends_them(gateway: str) -> None:
     async with httpx.AsyncClient(base_url=gateway, timeout=30) as client:
-        job = (await client.post("/v1/jobs", json={"request": chat("slow", tokens=500, tps=2)})).json()
+        job = (await client.post("/v1/jobs", json={"request": chat("slow", tokens=500, tps=1)})).json()
         seen = ""
         async with client.stream("GET", job["events_url"]) as response:
             async for text in response.aiter_text():

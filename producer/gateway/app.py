@@ -71,14 +71,13 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with FleetClient(settings) as fleet:
-            fanout = FanOut(fleet.redis)
+            fanout = FanOut(fleet.redis, ping_interval=settings.gateway_ping_seconds)
             fanout.start()
             app.state.gateway = Gateway(
                 fleet=fleet,
                 fanout=fanout,
                 auth=Auth(settings),
                 settings=settings,
-                ping_interval=settings.gateway_ping_seconds,
             )
             try:
                 yield

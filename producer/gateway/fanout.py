@@ -8,6 +8,10 @@ subscriber's bounded queue. So N subscribers on M jobs cost ``READERS`` blocked 
 A subscriber joining a stream the reader already follows first replays what it missed with its own
 XRANGE reads up to the reader's position, then takes live events; duplicates are skipped by id.
 
+**Pings.** One ticker task puts a ``None`` into the queue of every subscriber that has had nothing
+for ``ping_interval`` seconds, and ``events`` yields it: the SSE writer turns it into ``: ping``.
+No per-event timer, no task per subscriber.
+
 **Slow subscribers.** A subscriber whose queue (``QUEUE_SIZE`` events) is full is cut off: its SSE
 response ends, and the client resumes with ``Last-Event-ID`` from where it was. Nobody waits for the
 slowest reader, and nothing is lost to it.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -47,18 +52,19 @@ class StreamGone(Exception):
 
 
 class Subscriber:
-    __slots__ = ("cursor", "dropped", "gone", "job_id", "queue")
+    __slots__ = ("dropped", "gone", "job_id", "last_offer", "queue")
 
-    def __init__(self, job_id: str, cursor: str) -> None:
+    def __init__(self, job_id: str) -> None:
         self.job_id = job_id
-        self.cursor = cursor
-        self.queue: asyncio.Queue[Event] = asyncio.Queue(QUEUE_SIZE)
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(QUEUE_SIZE)
         self.dropped = False
         self.gone = False
+        self.last_offer = time.monotonic()
 
-    def offer(self, event: Event) -> None:
+    def offer(self, event: Event | None) -> None:
         if self.dropped:
             return
+        self.last_offer = time.monotonic()
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -76,7 +82,6 @@ class _Reader:
         self.streams: dict[str, str] = {}  # stream key -> last id read
         self.subscribers: dict[str, set[Subscriber]] = {}
         self.decoders: dict[str, StreamDecoder] = {}
-        self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         delay = 0.05
@@ -142,21 +147,33 @@ class FanOut:
     :param redis: the client the readers' blocked XREADs use (one connection per reader).
     """
 
-    def __init__(self, redis: Redis, *, readers: int = READERS) -> None:
+    def __init__(self, redis: Redis, *, readers: int = READERS, ping_interval: float = 15.0) -> None:
         self.redis = redis
+        self.ping_interval = ping_interval
         self._readers = [_Reader(redis, i) for i in range(readers)]
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        for reader in self._readers:
-            reader.task = asyncio.create_task(reader.run())
+        self._tasks = [asyncio.create_task(reader.run()) for reader in self._readers]
+        self._tasks.append(asyncio.create_task(self._ping()))
 
     async def aclose(self) -> None:
-        for reader in self._readers:
-            if reader.task is not None:
-                reader.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader.task
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.redis.delete(*(reader.wake_key for reader in self._readers))
+
+    async def _ping(self) -> None:
+        while True:
+            await asyncio.sleep(self.ping_interval / 2)
+            quiet_since = time.monotonic() - self.ping_interval
+            for reader in self._readers:
+                for subscribers in reader.subscribers.values():
+                    for subscriber in subscribers:
+                        if subscriber.last_offer < quiet_since:
+                            subscriber.offer(None)
 
     @property
     def subscribers(self) -> int:
@@ -169,15 +186,15 @@ class FanOut:
     def _reader_for(self, key: str) -> _Reader:
         return self._readers[hash(key) % len(self._readers)]
 
-    async def events(self, job_id: str, *, after: str = "0") -> AsyncIterator[Event]:
-        """The job's events after ``after``, live, until the terminal one.
+    async def events(self, job_id: str, *, after: str = "0") -> AsyncIterator[Event | None]:
+        """The job's events after ``after``, live, until the terminal one; ``None`` for a ping.
 
         Raises ``SlowSubscriber`` when the subscriber fell too far behind (it may resume after the
         last event it got) and ``StreamGone`` when the stream expired meanwhile.
         """
         key = keys.events(job_id)
         reader = self._reader_for(key)
-        subscriber = Subscriber(job_id, after)
+        subscriber = Subscriber(job_id)
         followed = key in reader.streams
         # No await from here to the registration: the reader cannot move in between.
         position = reader.streams.get(key, after)
@@ -191,10 +208,10 @@ class FanOut:
             last = parse_id(after)
             if parse_id(position) > last:
                 # Catch up on our own until the reader's position, then take live events.
-                async for event in self._catch_up(key, after, position):
-                    last = parse_id(event.id)
-                    yield event
-                    if event.terminal:
+                async for missed in self._catch_up(key, after, position):
+                    last = parse_id(missed.id)
+                    yield missed
+                    if missed.terminal:
                         return
             while True:
                 event = await subscriber.queue.get()
@@ -202,6 +219,9 @@ class FanOut:
                     raise SlowSubscriber(job_id)
                 if subscriber.gone:
                     raise StreamGone(job_id)
+                if event is None:
+                    yield None
+                    continue
                 if parse_id(event.id) <= last:
                     continue
                 last = parse_id(event.id)

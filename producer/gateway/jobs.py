@@ -16,7 +16,7 @@ from shared.models import Event
 
 from . import metrics
 from .fanout import SlowSubscriber, StreamGone
-from .sse import frame, sse_response
+from .sse import PING, frame, sse_response
 from .state import Gateway, gateway_of
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -114,13 +114,16 @@ async def job_events(
     gateway = gateway_of(request)
     cursor = parse_cursor(last_event_id if last_event_id is not None else after)
     await gateway.job_for(request, job_id)
-    return sse_response(event_frames(gateway, job_id, cursor), ping_interval=gateway.ping_interval)
+    return sse_response(event_frames(gateway, job_id, cursor))
 
 
 async def event_frames(gateway: Gateway, job_id: str, cursor: str) -> AsyncIterator[bytes]:
     metrics.OPEN_STREAMS.inc()
     try:
         async for event in gateway.fanout.events(job_id, after=cursor):
+            if event is None:
+                yield PING
+                continue
             metrics.EVENTS_SENT.inc()
             yield FRAMES.get(job_id, event)
     except SlowSubscriber:

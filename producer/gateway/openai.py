@@ -28,7 +28,7 @@ from shared.models import CANCELLED, DELTA, DONE, ERROR, RETRY, Event
 
 from . import metrics
 from .fanout import SlowSubscriber, StreamGone
-from .sse import frame, sse_response
+from .sse import PING, frame, sse_response
 from .state import Gateway, gateway_of
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -62,7 +62,7 @@ async def _current_attempt(gateway: Gateway, job_id: str) -> int:
     return int(count) if count else 1
 
 
-async def _events(gateway: Gateway, job_id: str, after: str = "0") -> AsyncIterator[Event]:
+async def _events(gateway: Gateway, job_id: str, after: str = "0") -> AsyncIterator[Event | None]:
     """The job's events for an OpenAI-shaped client: deltas of the current attempt only; a retry
     after this client got deltas of the failing attempt ends the stream with an ``error`` event."""
     current = await _current_attempt(gateway, job_id)
@@ -70,7 +70,9 @@ async def _events(gateway: Gateway, job_id: str, after: str = "0") -> AsyncItera
     metrics.OPEN_STREAMS.inc()
     try:
         async for event in gateway.fanout.events(job_id, after=after):
-            if event.type == DELTA:
+            if event is None:
+                yield None  # a ping
+            elif event.type == DELTA:
                 attempt = event.data["attempt"]
                 if attempt < current:
                     continue
@@ -111,9 +113,7 @@ async def chat_completions(
     headers = {JOB_HEADER: job_id}
     if body.get("stream"):
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return sse_response(
-            _chat_frames(gateway, job_id, wants_usage), ping_interval=gateway.ping_interval, headers=headers
-        )
+        return sse_response(_chat_frames(gateway, job_id, wants_usage), headers=headers)
     event = await gateway.fleet.wait(job_id, timeout=gateway.settings.job_deadline_seconds + 60)
     if event.type == DONE:
         return JSONResponse(event.data["result"]["completion"], headers=headers)
@@ -124,7 +124,9 @@ async def chat_completions(
 
 async def _chat_frames(gateway: Gateway, job_id: str, wants_usage: bool) -> AsyncIterator[bytes]:
     async for event in _events(gateway, job_id):
-        if event.type == DELTA:
+        if event is None:
+            yield PING
+        elif event.type == DELTA:
             chunk = event.data["chunk"]
             if not wants_usage and isinstance(chunk, dict):
                 # The fleet asked the upstream for usage; a client that did not ask gets none.
@@ -194,7 +196,7 @@ async def create_response(
     job_id = await gateway.fleet.submit(upstream, endpoint="responses", idempotency_key=idempotency_key, tenant=tenant)
     headers = {JOB_HEADER: job_id}
     if body.get("stream"):
-        return sse_response(_response_frames(gateway, job_id, -1), ping_interval=gateway.ping_interval, headers=headers)
+        return sse_response(_response_frames(gateway, job_id, -1), headers=headers)
     if background:
         return JSONResponse(_response_object(job_id, "queued", model=body.get("model")), headers=headers)
     event = await gateway.fleet.wait(job_id, timeout=gateway.settings.job_deadline_seconds + 60)
@@ -214,7 +216,7 @@ async def retrieve_response(
     gateway = gateway_of(request)
     await gateway.job_for(request, job_id)
     if stream:
-        return sse_response(_response_frames(gateway, job_id, starting_after), ping_interval=gateway.ping_interval)
+        return sse_response(_response_frames(gateway, job_id, starting_after))
     return JSONResponse(await _response_of(gateway, job_id))
 
 
@@ -234,7 +236,9 @@ async def cancel_response(job_id: str, request: Request) -> Response:
 async def _response_frames(gateway: Gateway, job_id: str, starting_after: int) -> AsyncIterator[bytes]:
     number = 0
     async for event in _events(gateway, job_id):
-        if event.type == DELTA:
+        if event is None:
+            yield PING
+        elif event.type == DELTA:
             chunk = event.data["chunk"]
             if not isinstance(chunk, dict):
                 continue

@@ -1,8 +1,8 @@
-"""Server-Sent Events out of the gateway: framing, keep-alive pings, and the streaming response."""
+"""Server-Sent Events out of the gateway: framing and the streaming response (pings come from the
+fan-out, as ``None`` events)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,33 +28,5 @@ def frame_json(value: Any, *, event: str | None = None, id: str | None = None) -
     return frame(jsonutil.dumps(value), event=event, id=id)
 
 
-async def with_pings(frames: AsyncIterator[bytes], interval: float) -> AsyncIterator[bytes]:
-    """``frames``, with a ``: ping`` comment whenever nothing was sent for ``interval`` seconds."""
-    iterator = aiter(frames)
-    pending: asyncio.Task[bytes] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(iterator))
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield PING
-                continue
-            try:
-                piece = pending.result()
-            except StopAsyncIteration:
-                return
-            finally:
-                pending = None
-            yield piece
-    finally:
-        if pending is not None:
-            pending.cancel()
-
-
-def sse_response(
-    frames: AsyncIterator[bytes], *, ping_interval: float, headers: dict[str, str] | None = None
-) -> StreamingResponse:
-    return StreamingResponse(
-        with_pings(frames, ping_interval), media_type="text/event-stream", headers={**HEADERS, **(headers or {})}
-    )
+def sse_response(frames: AsyncIterator[bytes], *, headers: dict[str, str] | None = None) -> StreamingResponse:
+    return StreamingResponse(frames, media_type="text/event-stream", headers={**HEADERS, **(headers or {})})

@@ -19,7 +19,6 @@ class Gateway:
     fanout: FanOut
     auth: Auth
     settings: Settings
-    ping_interval: float
 
     async def job_for(self, request: Request, job_id: str) -> str | None:
         """Check the caller may see ``job_id``; return its tenant. Another tenant's job is a 404."""
