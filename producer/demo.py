@@ -1,7 +1,8 @@
 """``streamfleet demo``: the whole path on one machine, shown live, then everything stopped again.
 
-Starts the embedded server (unless one runs), the upstream simulator and a worker; submits one
-generation; shows it streaming to two subscribers side by side; prints the result and the timing.
+Starts the embedded server (unless one runs), the upstream simulator, a worker and the gateway;
+submits one generation; shows it streaming to two subscribers side by side (one through the Python
+client, one through the gateway's SSE); prints the result and the timing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+import httpx
+import orjson
 import uvloop
 from rich.console import Console
 from rich.live import Live
@@ -69,7 +73,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-async def _show(fleet: FleetClient, console: Console) -> int:
+async def _show(fleet: FleetClient, console: Console, gateway_url: str) -> int:
     deadline = time.monotonic() + 15
     while not (await fleet.status())["workers"]:
         if time.monotonic() > deadline:
@@ -85,7 +89,7 @@ async def _show(fleet: FleetClient, console: Console) -> int:
     submitted_at = time.monotonic()
     job_id = await fleet.submit(request)
     console.print(f"submitted job [bold]{job_id}[/bold]")
-    subscribers = [Subscriber("subscriber A"), Subscriber("subscriber B")]
+    subscribers = [Subscriber("A: Python client (XREAD)"), Subscriber("B: gateway SSE (HTTP)")]
 
     def render() -> Table:
         grid = Table.grid(expand=True, padding=(0, 1))
@@ -96,21 +100,37 @@ async def _show(fleet: FleetClient, console: Console) -> int:
         )
         return grid
 
-    async def subscribe(subscriber: Subscriber) -> None:
+    def take(subscriber: Subscriber, event_type: str, data: Any) -> None:
+        if event_type == DELTA:
+            text = delta_text(data["chunk"])
+            if text and subscriber.first_token_at is None:
+                subscriber.first_token_at = time.monotonic()
+            subscriber.text += text
+            subscriber.deltas += 1
+        elif event_type == RETRY:
+            subscriber.text = ""
+
+    async def through_client(subscriber: Subscriber) -> None:
         async for event in fleet.tail(job_id):
-            subscriber.events.append(event.type)
-            if event.type == DELTA:
-                text = delta_text(event.data["chunk"])
-                if text and subscriber.first_token_at is None:
-                    subscriber.first_token_at = time.monotonic()
-                subscriber.text += text
-                subscriber.deltas += 1
-            elif event.type == RETRY:
-                subscriber.text = ""
-        subscriber.done = True
+            take(subscriber, event.type, event.data)
+
+    async def through_gateway(subscriber: Subscriber) -> None:
+        async with (
+            httpx.AsyncClient(base_url=gateway_url, timeout=30) as client,
+            client.stream("GET", f"/v1/jobs/{job_id}/events") as response,
+        ):
+            event_type = ""
+            async for line in response.aiter_lines():
+                if line.startswith("event: "):
+                    event_type = line[7:]
+                elif line.startswith("data: "):
+                    take(subscriber, event_type, orjson.loads(line[6:]))
 
     with Live(render(), console=console, refresh_per_second=20) as live:
-        tasks = [asyncio.create_task(subscribe(s)) for s in subscribers]
+        tasks = [
+            asyncio.create_task(through_client(subscribers[0])),
+            asyncio.create_task(through_gateway(subscribers[1])),
+        ]
         while not all(task.done() for task in tasks):
             live.update(render())
             await asyncio.sleep(0.05)
@@ -142,27 +162,24 @@ def run_demo(settings: Settings) -> int:
     console = Console()
     started_embedded = settings.uses_embedded_redis and embedded.running(settings.state_dir) is None
     redis_url = embedded.ensure(settings.state_dir).url if settings.uses_embedded_redis else settings.redis_url
-    port = _free_port()
-    simulator = launch.spawn("simulator", "--port", str(port), "--tps", str(TPS))
-    worker = None
+    port, gateway_port = _free_port(), _free_port()
+    env = {"STREAMFLEET_REDIS_URL": redis_url, "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{port}/v1"}
+    started = [launch.spawn("simulator", "--port", str(port), "--tps", str(TPS))]
     try:
+        started.append(launch.spawn("worker", env=env))
+        started.append(launch.spawn("producer.gateway", "--port", str(gateway_port), env=env))
         _wait_for_port(port)
-        env = {
-            "STREAMFLEET_REDIS_URL": redis_url,
-            "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{port}/v1",
-        }
-        worker = launch.spawn("worker", env=env)
+        _wait_for_port(gateway_port)
         fleet_settings = settings.model_copy(update={"redis_url": redis_url})
 
         async def main() -> int:
             async with FleetClient(fleet_settings) as fleet:
-                return await _show(fleet, console)
+                return await _show(fleet, console, f"http://127.0.0.1:{gateway_port}")
 
         return uvloop.run(main())
     finally:
-        if worker is not None:
-            _stop(worker)
-        _stop(simulator)
+        for process in reversed(started):
+            _stop(process)
         if started_embedded:
             embedded.stop(settings.state_dir)
             console.print("stopped the embedded server this demo started")

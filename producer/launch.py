@@ -1,7 +1,7 @@
 """The one seam through which the producer side starts the other parts of the fleet.
 
 ``producer`` never imports ``worker`` (nor the other way round): the CLI and the demo start a
-worker or the simulator as a process, by module name, with the same interpreter.
+worker, the simulator or the gateway as a process, by module name, with the same interpreter.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from typing import Literal, NoReturn
 
-Part = Literal["worker", "simulator"]
+Part = Literal["worker", "simulator", "producer.gateway"]
 
 
 def command(part: Part, *args: str) -> list[str]:
