@@ -9,12 +9,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import memory, parse
+from . import gateway, memory, parse
 from .common import write_results
 
 SCENARIOS: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "memory": memory.run,
     "parse": parse.run,
+    "gateway": gateway.run,
 }
 
 

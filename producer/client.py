@@ -55,10 +55,21 @@ class FleetClient:
     """A connection to the fleet, for backend services.
 
     :param settings: the fleet's settings; read from the environment when omitted.
+    :param name: the name its Redis connections carry (``CLIENT LIST``).
+    :param max_connections: bound the connection pool (commands wait for a free connection).
     :param overrides: settings fields to override, e.g. ``redis_url="redis://..."``.
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        name: str = "streamfleet-client",
+        max_connections: int | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.name = name
+        self.max_connections = max_connections
         if settings is None:
             settings = Settings(**overrides)
         elif overrides:
@@ -80,7 +91,7 @@ class FleetClient:
         """Open the Redis connection pool (starting the embedded server if that is the setting)."""
         if self._redis is None:
             url = await asyncio.to_thread(connection.resolve_url, self.settings)
-            self._redis = connection.connect(url)
+            self._redis = connection.connect(url, name=self.name, max_connections=self.max_connections)
             self._jobs = JobStream(self._redis, ttl_seconds=self.settings.stream_ttl_seconds)
 
     async def aclose(self) -> None:

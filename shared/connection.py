@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 
 from . import embedded
 from .errors import ConfigurationError
@@ -29,19 +29,27 @@ def resolve_url(settings: Settings) -> str:
     return settings.redis_url
 
 
-def pool(url: str, *, max_connections: int | None = None) -> ConnectionPool:
-    """A connection pool for ``url``; TLS connections check the server's hostname."""
+def pool(url: str, *, max_connections: int | None = None, name: str | None = None) -> ConnectionPool:
+    """A connection pool for ``url``; TLS connections check the server's hostname.
+
+    :param max_connections: a bound: past it, a command waits for a free connection (instead of
+        failing, as redis-py's plain pool would).
+    :param name: the CLIENT SETNAME of its connections (``CLIENT LIST`` then tells who is who).
+    """
     options: dict[str, Any] = {
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": 5.0,
         "health_check_interval": 30,
         "max_connections": max_connections,
+        "client_name": name,
     }
     if url.startswith("rediss://"):
         options["ssl_check_hostname"] = True
+    if max_connections is not None:
+        return BlockingConnectionPool.from_url(url, timeout=SOCKET_TIMEOUT_S, **options)
     return ConnectionPool.from_url(url, **options)
 
 
-def connect(url: str, *, max_connections: int | None = None) -> Redis:
+def connect(url: str, *, max_connections: int | None = None, name: str | None = None) -> Redis:
     """A ``redis.asyncio.Redis`` with bytes responses; closing it closes its pool."""
-    return Redis.from_pool(pool(url, max_connections=max_connections))
+    return Redis.from_pool(pool(url, max_connections=max_connections, name=name))

@@ -9,6 +9,7 @@ not, with deterministic text for a given request (``simulator.text``). A request
     ttft_ms     time to first token in milliseconds (default: the server's ``--ttft-ms``)
     replay      a recorded ``.sse`` file (under ``--replay-dir``) to send byte for byte
     pace_ms     with ``replay``: pause between events
+    stamp       add ``x_sent_ns`` (CLOCK_MONOTONIC at send) to every chunk, for latency benchmarks
 
 and asks for faults (``simulator.faults``: error statuses, drops, stalls, error events, bad data).
 
@@ -157,6 +158,7 @@ class Simulator:
                 }
             )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        stamp = bool(text.options(body).get("stamp"))
         ttft, interval = self._timing(body)
 
         def chunk(choice: int, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
@@ -166,6 +168,8 @@ class Simulator:
             }
             if include_usage:
                 data["usage"] = None
+            if stamp:
+                data["x_sent_ns"] = time.monotonic_ns()  # CLOCK_MONOTONIC: comparable across processes
             return _sse(data)
 
         async def events() -> AsyncIterator[bytes]:

@@ -111,7 +111,7 @@ async def serve(settings: Settings, *, concurrency: int | None = None, burst: bo
     """Run one worker until it is signalled (or, with ``burst``, until the queue is empty)."""
     url = connection.resolve_url(settings)
     redis = ArqRedis(
-        pool_or_conn=connection.pool(url),
+        pool_or_conn=connection.pool(url, name="streamfleet-worker"),
         job_serializer=queue.serialize,
         job_deserializer=queue.deserialize,
     )

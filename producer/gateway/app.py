@@ -25,7 +25,7 @@ from shared.settings import Settings
 from ..client import FleetClient
 from . import jobs, metrics, openai
 from .auth import Auth
-from .fanout import FanOut
+from .fanout import READERS, FanOut
 from .state import Gateway
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with FleetClient(settings) as fleet:
+        # A bounded pool: the fan-out readers' blocked XREADs plus a few for requests, however many
+        # subscribers there are.
+        async with FleetClient(settings, name="streamfleet-gateway", max_connections=READERS + 4) as fleet:
             fanout = FanOut(fleet.redis, ping_interval=settings.gateway_ping_seconds)
             fanout.start()
             app.state.gateway = Gateway(

@@ -85,7 +85,7 @@ class _Reader:
 
     async def run(self) -> None:
         delay = 0.05
-        wake_cursor = "$"
+        wake_cursor = "0-0"  # not "$": a wake written before the first XREAD must not be missed
         while True:
             try:
                 request: dict[Any, Any] = {**self.streams, self.wake_key: wake_cursor}
