@@ -9,10 +9,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import gateway, memory, parse
+from . import gateway, memory, parse, throughput, ttft
 from .common import write_results
 
 SCENARIOS: dict[str, Callable[[], list[dict[str, Any]]]] = {
+    "ttft": ttft.run,
+    "throughput": throughput.run,
     "memory": memory.run,
     "parse": parse.run,
     "gateway": gateway.run,

@@ -201,6 +201,21 @@ class DeltaEncoder:
         return self.next_id(), encode(type, data)
 
 
+APPEND_LUA: Final = """
+-- KEYS: the stream of each entry. ARGV: id, type field, data field of each entry, in order.
+-- Appends every entry (NOMKSTREAM) and returns the 1-based positions of those Redis refused: an id
+-- not above the stream's last one (a newer attempt, or the end, is there), or a stream that is gone.
+local refused = {}
+for i = 1, #KEYS do
+  local at = (i - 1) * 3
+  local ok, id = pcall(redis.call, 'XADD', KEYS[i], 'NOMKSTREAM', ARGV[at + 1], 't', ARGV[at + 2], 'd', ARGV[at + 3])
+  if not ok or not id then refused[#refused + 1] = i end
+end
+return refused
+"""
+"""One script call appends a whole batch of entries: one command and one reply, not one per entry."""
+
+
 class StreamDecoder:
     """Decodes the entries of one job stream for one reader, rebuilding compact deltas.
 

@@ -15,6 +15,9 @@ QUEUE = default_queue_name
 CANCEL_CHANNEL = "sf:cancel"
 """Pub/sub channel on which a cancel request names its job id, so a running worker acts at once."""
 
+QUEUED_CHANNEL = "sf:queued"
+"""Pub/sub channel a submit publishes on, so an idle worker takes the job now, not at its next poll."""
+
 WORKER_PREFIX = "sf:worker:"
 
 RUNNING = "sf:running"

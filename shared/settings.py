@@ -56,8 +56,10 @@ class Settings(BaseSettings):
     # Worker tuning.
     concurrency: int = Field(default=200, gt=0)
     """Jobs one worker process runs at once."""
-    poll_delay_seconds: float = Field(default=0.05, gt=0)
-    """How often an idle worker asks the queue for jobs (arq's default is 0.5 s)."""
+    wake_on_submit: bool = True
+    """Idle workers take a job the moment it is submitted (pub/sub); off: they find it at their next poll."""
+    poll_delay_seconds: float = Field(default=0.5, gt=0)
+    """How often an idle worker looks at the queue when nothing wakes it (a submit wakes it at once)."""
     max_attempts: int = Field(default=4, ge=1)
     """Attempts per job, counting retries after upstream failures and after lost workers."""
     job_deadline_seconds: float = Field(default=600, gt=0)

@@ -32,7 +32,7 @@ end
 
 # KEYS: events, arq job, arq queue, idempotency key or "", tenant.
 # ARGV: job id, queued data, arq job payload, arq job ttl ms, queue score ms, stream ttl s, idem ttl s,
-# tenant or "".
+# tenant or "", the channel that wakes idle workers.
 _SUBMIT = """
 if KEYS[4] ~= '' then
   local existing = redis.call('GET', KEYS[4])
@@ -44,6 +44,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[6])
 if ARGV[8] ~= '' then redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[6]) end
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+redis.call('PUBLISH', ARGV[9], ARGV[1])
 return ARGV[1]
 """
 
@@ -247,6 +248,7 @@ class JobStream:
                 queue_ttl_seconds,
                 idempotency_ttl_seconds,
                 tenant or "",
+                keys.QUEUED_CHANNEL,
             ],
         )
         return _text(result)

@@ -35,8 +35,10 @@ when arq's tries run out it never calls the job, and nothing would end the job's
 
 
 class FleetWorker(Worker):
-    """arq's Worker, with the two things arq leaves to its user.
+    """arq's Worker, with what arq leaves to its user.
 
+    - An idle worker takes a job the moment it is submitted: the submit publishes on a channel that
+      wakes it, where arq alone would find the job at its next poll (every 0.5 s by default).
     - A job arq gives up on without calling the job function (expired in the queue, unreadable
       payload) still gets its terminal ``error`` event.
     - A Redis that blinks does not kill the poll loop: it waits and polls again.
@@ -48,6 +50,9 @@ class FleetWorker(Worker):
         self._poll_failures = 0
 
     async def _poll_iteration(self) -> None:
+        wake = self.runtime.supervisor.wake
+        wake.clear()  # before looking at the queue: a submit from now on sets it again
+        started = self._jobs_started()
         try:
             await super()._poll_iteration()
             self._poll_failures = 0
@@ -56,6 +61,11 @@ class FleetWorker(Worker):
             delay = min(0.05 * 2**self._poll_failures, 2.0)
             logger.warning("polling the queue failed (%s); again in %.2fs", exc, delay)
             await asyncio.sleep(delay)
+            return
+        if self._jobs_started() == started and not self.burst:
+            # Nothing taken: sleep until a submit (or a free slot) wakes us, or the poll interval passes.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.runtime.settings.poll_delay_seconds)
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         expired = not await self.pool.exists(keys.arq_job(job_id))
@@ -79,7 +89,7 @@ def build_worker(runtime: Runtime, redis: ArqRedis, *, concurrency: int, burst: 
         redis_pool=redis,
         burst=burst,
         max_jobs=concurrency,
-        poll_delay=settings.poll_delay_seconds,
+        poll_delay=0,  # FleetWorker._poll_iteration does the waiting: woken by a submit, else polling
         job_timeout=arq_timeout,
         max_tries=ARQ_MAX_TRIES,
         keep_result=0,  # results live in the job stream, not in arq

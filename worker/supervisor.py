@@ -1,4 +1,5 @@
-"""Watching the jobs a worker runs: cancel requests and timeouts stop them, from outside.
+"""Watching the jobs a worker runs: cancel requests and timeouts stop them, from outside; and the
+wake-up that lets an idle worker take a new job the moment it is submitted.
 
 A cancel request sets the job's cancel flag and publishes its id (``shared.transitions``). The
 supervisor listens on that channel and cancels the task of a job it runs at once; pub/sub can miss a
@@ -67,6 +68,8 @@ class Supervisor:
         self._settings = settings
         self._watches: dict[str, Watch] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.wake = asyncio.Event()
+        """Set when a job was submitted or one of ours finished: the poll loop looks at the queue now."""
 
     @property
     def running(self) -> list[str]:
@@ -78,7 +81,8 @@ class Supervisor:
         return watch
 
     def release(self, job_id: str) -> None:
-        self._watches.pop(job_id, None)
+        if self._watches.pop(job_id, None) is not None:
+            self.wake.set()  # a slot is free
 
     def stop(self, job_id: str, reason: str) -> None:
         """Cancel a job's task, leaving ``reason`` for it to read."""
@@ -136,11 +140,18 @@ class Supervisor:
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(keys.CANCEL_CHANNEL)
+                    channels = [keys.CANCEL_CHANNEL]
+                    if self._settings.wake_on_submit:
+                        channels.append(keys.QUEUED_CHANNEL)
+                    await pubsub.subscribe(*channels)
                     delay = 0.05
                     while True:
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                        if message and message.get("type") == "message":
+                        if not message or message.get("type") != "message":
+                            continue
+                        if message["channel"] == b"sf:queued":
+                            self.wake.set()
+                        else:
                             self.stop(message["data"].decode(), CANCEL)
             except asyncio.CancelledError:
                 raise

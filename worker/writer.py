@@ -1,9 +1,9 @@
-"""Publishing deltas: every job's XADDs, coalesced into one pipeline per event-loop turn.
+"""Publishing deltas: every job's XADDs, coalesced into one script call per event-loop turn.
 
 A job hands its delta to ``append`` and goes back to reading its socket. The first append of a turn
-schedules a flush with ``call_soon``; every append made before it runs (by any job whose socket had
-data in the same turn) joins the same pipeline. There is no timer: when idle a delta leaves at once,
-under load the batches grow by themselves. Flushes run one at a time, so each stream's entries keep
+schedules a flush; every append made before it runs (by any job whose socket had data in the same
+turn) joins the same batch, written by one call of a Lua script (``shared.jobstream.APPEND_LUA``).
+There is no timer: when idle a delta leaves at once, under load the batches grow by themselves. Flushes run one at a time, so each stream's entries keep
 their order, and what a job appends after its deltas lands after them.
 
 Entries carry explicit ids (see ``shared.jobstream``) and XADD uses NOMKSTREAM: a late write to a
@@ -15,15 +15,16 @@ that wrote it must stop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.jobstream import Fields
+from shared.jobstream import APPEND_LUA, D, Fields, T
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class StreamWriter:
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
+        self._sha = hashlib.sha1(APPEND_LUA.encode()).hexdigest().encode()
         self._batch: list[tuple[str, bytes, Fields]] = []
         self.fenced: set[str] = set()
         """Streams a write was refused on. The attempt that owns one stops and clears it."""
@@ -91,10 +93,7 @@ class StreamWriter:
         delay, give_up, replay = 0.05, time.monotonic() + RETRY_FOR_S, False
         while True:
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for stream, entry_id, fields in batch:
-                        pipe.execute_command("XADD", stream, "NOMKSTREAM", entry_id, *_flat(fields))
-                    replies = await pipe.execute(raise_on_error=False)
+                refused = await self._append(batch)
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if time.monotonic() > give_up:
@@ -102,12 +101,36 @@ class StreamWriter:
                 logger.warning("Redis unreachable while publishing (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay, replay = min(delay * 2, 1.0), True
-        for (stream, entry_id, _), reply in zip(batch, replies, strict=True):
-            if reply is None or isinstance(reply, ResponseError):
-                if replay and reply is not None and await self._redis.xrange(stream, entry_id, entry_id):
-                    continue
-                self.fenced.add(stream)
+        for position in refused:
+            stream, entry_id, _ = batch[position - 1]
+            if replay and await self._redis.xrange(stream, entry_id, entry_id):
+                continue  # ours, written before the connection broke
+            self.fenced.add(stream)
+
+    async def _append(self, batch: list[tuple[str, bytes, Fields]]) -> list[int]:
+        """One EVALSHA of ``APPEND_LUA`` for the batch, packed here: redis-py would encode each of the
+        thousands of arguments in Python and read one reply per command."""
+        keys = [stream.encode() for stream, _, _ in batch]
+        argv = [part for _, entry_id, fields in batch for part in (entry_id, fields[T], fields[D])]
+        payload = _resp([b"EVALSHA", self._sha, b"%d" % len(keys), *keys, *argv])
+        pool = self._redis.connection_pool
+        conn = await pool.get_connection("EVALSHA")
+        try:
+            await conn.send_packed_command(payload, check_health=False)
+            try:
+                reply = await conn.read_response()
+            except NoScriptError:
+                await self._redis.script_load(APPEND_LUA)  # Redis restarted and forgot it
+                await conn.send_packed_command(payload, check_health=False)
+                reply = await conn.read_response()
+        finally:
+            await pool.release(conn)
+        return [int(position) for position in reply or []]
 
 
-def _flat(fields: Fields) -> list[bytes]:
-    return [part for pair in fields.items() for part in pair]
+def _resp(args: list[bytes]) -> bytes:
+    """A command in the Redis protocol (RESP)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(parts)
