@@ -3,8 +3,9 @@
 A job hands its delta to ``append`` and goes back to reading its socket. The first append of a turn
 schedules a flush; every append made before it runs (by any job whose socket had data in the same
 turn) joins the same batch, written by one call of a Lua script (``shared.jobstream.APPEND_LUA``).
-There is no timer: when idle a delta leaves at once, under load the batches grow by themselves. Flushes run one at a time, so each stream's entries keep
-their order, and what a job appends after its deltas lands after them.
+There is no timer: when idle a delta leaves at once, under load the batches grow by themselves.
+Flushes run one at a time, so each stream's entries keep their order, and what a job appends after
+its deltas lands after them.
 
 Entries carry explicit ids (see ``shared.jobstream``) and XADD uses NOMKSTREAM: a late write to a
 stream that has expired must not recreate it without a TTL, and a write whose id Redis refuses
