@@ -82,16 +82,19 @@ class _Reader:
         self.streams: dict[str, str] = {}  # stream key -> last id read
         self.subscribers: dict[str, set[Subscriber]] = {}
         self.decoders: dict[str, StreamDecoder] = {}
+        self.stopping = False
 
     async def run(self) -> None:
         delay = 0.05
         wake_cursor = "0-0"  # not "$": a wake written before the first XREAD must not be missed
-        while True:
+        while not self.stopping:
             try:
                 request: dict[Any, Any] = {**self.streams, self.wake_key: wake_cursor}
                 response = await self.redis.xread(request, count=READ_COUNT, block=connection.BLOCK_MS)
                 delay = 0.05
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if self.stopping:  # redis-py may turn the cancellation of a blocked read into this
+                    return
                 logger.warning("fan-out reader lost Redis (%s); again in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -158,12 +161,13 @@ class FanOut:
         self._tasks.append(asyncio.create_task(self._ping()))
 
     async def aclose(self) -> None:
+        for reader in self._readers:
+            reader.stopping = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.redis.delete(*(reader.wake_key for reader in self._readers))
+        await asyncio.wait(self._tasks, timeout=5)
+        with contextlib.suppress(Exception):
+            await self.redis.delete(*(reader.wake_key for reader in self._readers))
 
     async def _ping(self) -> None:
         while True:

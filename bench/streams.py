@@ -1,0 +1,121 @@
+"""Added latency per delta and concurrent streams per worker process.
+
+Many jobs stream at once through one worker; a consumer process follows them all (the gateway's
+fan-out readers: a few XREADs over every stream) and measures each delta's latency from the
+simulator's send stamp (CLOCK_MONOTONIC). Baseline in the same run: the same number of streams read
+straight from the simulator over httpx, no fleet. Added latency = fleet minus baseline, per
+percentile. The worker's RSS is read from /proc before and during the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import orjson
+
+from producer import FleetClient
+from producer.gateway.fanout import FanOut
+from shared.models import DELTA
+from shared.settings import Settings
+
+from .common import free_port, percentiles, processes, redis_server, spawn, wait_port
+
+CASES = ((100, 20, 60), (200, 50, 100))  # streams, tokens/s, tokens
+START_MS = 4000
+
+
+def _request(i: int, tps: int, tokens: int, ttft_ms: int) -> dict[str, Any]:
+    return {
+        "model": "bench",
+        "messages": [{"role": "user", "content": f"stream {i}"}],
+        "stream": True,
+        "simulator": {"tokens": tokens, "tps": tps, "ttft_ms": ttft_ms, "stamp": True},
+    }
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def _direct(base: str, streams: int, tps: int, tokens: int) -> list[float]:
+    samples: list[float] = []
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        async with client.stream("POST", "/chat/completions", json=_request(i, tps, tokens, START_MS)) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    received = time.monotonic_ns()
+                    sent = orjson.loads(line[6:]).get("x_sent_ns")
+                    if sent:
+                        samples.append((received - sent) / 1e6)
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base, timeout=None, limits=limits) as client:
+        await asyncio.gather(*(one(client, i) for i in range(streams)))
+    return samples
+
+
+async def _fleet(url: str, worker_pid: int, streams: int, tps: int, tokens: int) -> tuple[list[float], float]:
+    samples: list[float] = []
+    async with FleetClient(Settings(redis_url=url)) as fleet:
+        fanout = FanOut(fleet.redis)
+        fanout.start()
+        idle_rss = _rss_kb(worker_pid)
+        ids = [await fleet.submit(_request(i, tps, tokens, START_MS)) for i in range(streams)]
+        rss: list[int] = []
+
+        async def follow(job_id: str) -> None:
+            async for event in fanout.events(job_id):
+                if event is not None and event.type == DELTA:
+                    received = time.monotonic_ns()
+                    sent = event.data["chunk"].get("x_sent_ns")
+                    if sent:
+                        samples.append((received - sent) / 1e6)
+
+        async def sample_rss() -> None:
+            await asyncio.sleep(START_MS / 1000 + 1)
+            rss.append(_rss_kb(worker_pid))
+
+        await asyncio.gather(sample_rss(), *(follow(job_id) for job_id in ids))
+        await fanout.aclose()
+    return samples, (max(rss) - idle_rss) / streams
+
+
+def run() -> list[dict[str, Any]]:
+    rows = []
+    for streams, tps, tokens in CASES:
+        with redis_server() as url, processes() as started:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}/v1"
+            env = {"STREAMFLEET_REDIS_URL": url, "STREAMFLEET_UPSTREAM_BASE_URL": base}
+            started.append(spawn(["-m", "simulator", "--port", str(port)]))
+            worker = spawn(["-m", "worker", "--concurrency", str(streams + 100)], env)
+            started.append(worker)
+            wait_port(port)
+            time.sleep(1.5)
+            direct = percentiles(asyncio.run(_direct(base, streams, tps, tokens)))
+            fleet_samples, rss_per_stream_kb = asyncio.run(_fleet(url, worker.pid, streams, tps, tokens))
+            fleet = percentiles(fleet_samples)
+        rows.append(
+            {
+                "scenario": "added latency per delta (fleet minus direct upstream)",
+                "case": f"{streams} streams x {tps} tokens/s through one worker process",
+                "fleet_ms": round(fleet["p50"] - direct["p50"], 2),
+                "baseline_ms": round(direct["p50"], 2),
+                "ratio": round(fleet["p50"] / direct["p50"], 2) if direct["p50"] else None,
+                "goal": "added p50 <= 1 ms, p99 <= 5 ms (200 streams); p99 <= 20 ms at 2000 streams",
+                "added_p99_ms": round(fleet["p99"] - direct["p99"], 2),
+                "fleet_p99_ms": round(fleet["p99"], 2),
+                "direct_p99_ms": round(direct["p99"], 2),
+                "deltas": len(fleet_samples),
+                "worker_rss_kb_per_stream": round(rss_per_stream_kb, 1),
+            }
+        )
+    return rows
