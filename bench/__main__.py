@@ -22,6 +22,10 @@ SCENARIOS: dict[str, Callable[[], list[dict[str, Any]]]] = {
 }
 
 
+def _unit(key: str) -> str:
+    return {"per_s": "/s", "us": "µs"}.get(key.split("_", 1)[1], key.split("_", 1)[1])
+
+
 def main(argv: list[str]) -> int:
     names = argv or list(SCENARIOS)
     unknown = [name for name in names if name not in SCENARIOS]
@@ -39,8 +43,8 @@ def main(argv: list[str]) -> int:
         rows = SCENARIOS[name]()
         write_results(name, rows)
         for row in rows:
-            fleet = next(f"{v} {k.split('_')[-1]}" for k, v in row.items() if k.startswith("fleet_"))
-            baseline = next(f"{v} {k.split('_')[-1]}" for k, v in row.items() if k.startswith("baseline_"))
+            fleet = next(f"{v} {_unit(k)}" for k, v in row.items() if k.startswith("fleet_"))
+            baseline = next(f"{v} {_unit(k)}" for k, v in row.items() if k.startswith("baseline_"))
             table.add_row(row["scenario"], row["case"], fleet, baseline, f"{row['ratio']}x", row["goal"])
     console.print(table)
     return 0
