@@ -9,13 +9,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import gateway, memory, parse, streams, throughput, ttft
+from . import gateway, jobs, memory, parse, streams, throughput, ttft
 from .common import write_results
 
 SCENARIOS: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "ttft": ttft.run,
     "throughput": throughput.run,
     "streams": streams.run,
+    "jobs": jobs.run,
     "memory": memory.run,
     "parse": parse.run,
     "gateway": gateway.run,
