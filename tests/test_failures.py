@@ -195,7 +195,9 @@ async def test_sigkill_mid_stream_is_recovered_by_another_worker(
     retry = next(e for e in events if e.type == RETRY)
     assert retry.data["error"]["type"] == "worker_lost"
     assert recovered.id > retry.id
-    assert time.monotonic() - killed_at < 15  # lease 2 s here; 5 s by default
+    # Recovered through the lease, not arq's in-progress key (it expires after the job timeout + 10 s,
+    # 670 s here): how fast is a benchmark figure (the soak prints it), not an assertion.
+    assert time.monotonic() - killed_at < 120
 
 
 async def test_sigterm_lets_a_short_job_finish_and_hands_a_long_one_back(
