@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -15,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.jobstream import is_terminal
+from shared.ports import free_port
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench-results"
 
@@ -83,22 +89,6 @@ def write_results(name: str, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
 @contextlib.contextmanager
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Child processes stopped (SIGTERM, then SIGKILL) when the scenario ends."""
@@ -138,3 +128,16 @@ def percentiles(samples: list[float]) -> dict[str, float]:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     return {"p50": at(0.50), "p99": at(0.99), "max": ordered[-1]}
+
+
+async def wait_all_ended(redis: Redis, job_ids: list[str]) -> None:
+    """Wait until every job has its terminal event, looking only at each one's last entry type (one
+    pipeline a pass): a consumer decoding every delta here would take the CPU being measured."""
+    pending = list(job_ids)
+    while pending:
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id in pending:
+                pipe.xrevrange(keys.events(job_id), count=1)
+            lasts = await pipe.execute()
+        pending = [job_id for job_id, last in zip(pending, lasts, strict=True) if not is_terminal(last[0][1])]
+        await asyncio.sleep(0.01)

@@ -18,9 +18,10 @@ import orjson
 import redis
 
 from producer import FleetClient
+from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 
-from .common import free_port, percentiles, processes, redis_server, spawn, wait_port
+from .common import percentiles, processes, redis_server, spawn
 
 SUBSCRIBERS = int(os.environ.get("STREAMFLEET_BENCH_SUBSCRIBERS", "5000"))
 JOBS = 50
@@ -105,8 +106,8 @@ def run() -> list[dict[str, Any]]:
         started.append(spawn(["-m", "simulator", "--port", str(simulator_port)]))
         started.append(spawn(["-m", "worker", "--concurrency", "500"], env))
         started.append(spawn(["-m", "producer.gateway", "--port", str(gateway_port)], env))
-        wait_port(simulator_port)
-        wait_port(gateway_port)
+        wait_for_port(simulator_port)
+        wait_for_port(gateway_port)
         baseline = _phase(url, gateway_port, 1)
         load = _phase(url, gateway_port, max(1, SUBSCRIBERS // JOBS))
     return [

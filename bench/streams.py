@@ -19,9 +19,10 @@ import orjson
 from producer import FleetClient
 from producer.gateway.fanout import FanOut
 from shared.models import DELTA
+from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 
-from .common import free_port, percentiles, processes, redis_server, spawn, wait_port
+from .common import percentiles, processes, redis_server, spawn
 
 CASES = ((100, 20, 60), (200, 50, 100))  # streams, tokens/s, tokens
 START_MS = 4000
@@ -98,7 +99,7 @@ def run() -> list[dict[str, Any]]:
             started.append(spawn(["-m", "simulator", "--port", str(port)]))
             worker = spawn(["-m", "worker", "--concurrency", str(streams + 100)], env)
             started.append(worker)
-            wait_port(port)
+            wait_for_port(port)
             time.sleep(1.5)
             direct = percentiles(asyncio.run(_direct(base, streams, tps, tokens)))
             fleet_samples, rss_per_stream_kb = asyncio.run(_fleet(url, worker.pid, streams, tps, tokens))

