@@ -8,11 +8,10 @@ import time
 from typing import Any
 
 from producer import FleetClient
-from shared import keys
-from shared.jobstream import is_terminal
+from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 
-from .common import free_port, processes, redis_server, spawn, wait_port
+from .common import processes, redis_server, spawn, wait_all_ended
 
 JOBS = 1500
 
@@ -32,15 +31,7 @@ async def _run(url: str) -> float:
                 for i in range(JOBS)
             )
         )
-        pending = list(ids)
-        while pending:
-            # One pipelined look at each pending job's last entry, its type only: cheap next to the jobs.
-            async with fleet.redis.pipeline(transaction=False) as pipe:
-                for job_id in pending:
-                    pipe.xrevrange(keys.events(job_id), count=1)
-                lasts = await pipe.execute()
-            pending = [job_id for job_id, last in zip(pending, lasts, strict=True) if not is_terminal(last[0][1])]
-            await asyncio.sleep(0.01)
+        await wait_all_ended(fleet.redis, ids)
         return JOBS / (time.perf_counter() - started)
 
 
@@ -51,7 +42,7 @@ def _measure(workers: int) -> float:
         started.append(spawn(["-m", "simulator", "--port", str(port), "--ttft-ms", "0"]))
         for _ in range(workers):
             started.append(spawn(["-m", "worker", "--concurrency", "500"], env))
-        wait_port(port)
+        wait_for_port(port)
         time.sleep(2)
         return asyncio.run(_run(url))
 

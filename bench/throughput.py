@@ -21,9 +21,10 @@ import orjson
 
 from producer import FleetClient
 from shared import keys
+from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 
-from .common import free_port, processes, redis_server, spawn, text_chunks, wait_port
+from .common import processes, redis_server, spawn, text_chunks, wait_all_ended
 
 JOBS = 20
 CHUNKS = 5000
@@ -40,13 +41,7 @@ async def _fleet(url: str, recording: str) -> tuple[float, int]:
         request = {"model": "bench", "simulator": {"replay": recording}}
         started = time.perf_counter()
         ids = [await fleet.submit({**request, "messages": [{"role": "user", "content": str(i)}]}) for i in range(JOBS)]
-        # Poll the last entry only: a consumer decoding every delta here would take the worker's CPU.
-        pending = set(ids)
-        while pending:
-            for job_id in list(pending):
-                if (await fleet.last_event(job_id)).terminal:
-                    pending.discard(job_id)
-            await asyncio.sleep(0.02)
+        await wait_all_ended(fleet.redis, ids)
         elapsed = time.perf_counter() - started
         stored = sum([await fleet.redis.xlen(keys.events(job_id)) for job_id in ids])
     return elapsed, stored - 3 * JOBS  # queued, started, done
@@ -75,7 +70,7 @@ def run() -> list[dict[str, Any]]:
         env = {"STREAMFLEET_REDIS_URL": url, "STREAMFLEET_UPSTREAM_BASE_URL": base}
         started.append(spawn(["-m", "simulator", "--port", str(port), "--replay-dir", directory]))
         started.append(spawn(["-m", "worker"], env))
-        wait_port(port)
+        wait_for_port(port)
         time.sleep(1.5)
         elapsed, stored = asyncio.run(_fleet(url, recording))
         naive = orjson.loads(
