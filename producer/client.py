@@ -24,24 +24,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import connection, jsonutil, keys, queue
 from shared.errors import InvalidRequest, JobCancelled, JobFailed, StreamfleetError, UnknownJob
-from shared.jobstream import StreamDecoder, parse_id
+from shared.jobstream import StreamDecoder, parse_cursor, parse_id
 from shared.models import CANCELLED, DELTA, DONE, ERROR, QUEUED, RETRY, Event, Result, validate_request
 from shared.settings import Settings
 from shared.transitions import JobStream
 
 logger = logging.getLogger(__name__)
 
-_CURSOR = re.compile(r"^\d+(-\d+)?$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 IDEMPOTENCY_TTL_SECONDS = 86_400
 READ_COUNT = 1000
-
-
-def _parse_cursor(after: str) -> tuple[int, int]:
-    if not _CURSOR.match(after):
-        raise InvalidRequest(f"invalid event id {after!r}: expected '0' or a stream id like '1700000000000-0'")
-    ms, _, seq = after.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def status_of(last: Event) -> str:
@@ -176,10 +168,15 @@ class FleetClient:
         event yielded, so nothing is missed or repeated. Deltas of an attempt already known to be
         void (its ``retry`` is in the same read) are left out; the ``retry`` itself is yielded.
         """
-        position = _parse_cursor(after)
+        position = parse_cursor(after)
         last = await self.last_event(job_id)
         if last.terminal and parse_id(last.id) <= position:
             return
+        async for event in self._follow(job_id, after):
+            yield event
+
+    async def _follow(self, job_id: str, after: str) -> AsyncIterator[Event]:
+        """``tail`` past its checks: read after ``after``, live, until the terminal event."""
         stream = keys.events(job_id)
         decoder = StreamDecoder(self.redis, stream)
         cursor = after
@@ -214,7 +211,7 @@ class FleetClient:
                 last = await self.last_event(job_id)
                 if last.terminal:
                     return last
-                async for event in self.tail(job_id, after=last.id):
+                async for event in self._follow(job_id, last.id):  # `last` already says it exists
                     if event.terminal:
                         return event
         except TimeoutError:

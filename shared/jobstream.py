@@ -30,12 +30,14 @@ attempt would write is too small, and Redis refuses it.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Any, Final
 
 from redis.asyncio import Redis
 
 from . import jsonutil
+from .errors import InvalidRequest
 from .models import DELTA, TERMINAL_TYPES, Event
 
 T: Final = b"t"
@@ -60,6 +62,16 @@ def encode(type: str, data: Any) -> Fields:
 def is_terminal(fields: dict[bytes, bytes]) -> bool:
     """Whether a raw entry is a terminal event, without decoding its data."""
     return fields[T] in _TERMINAL_KINDS
+
+
+_CURSOR: Final = re.compile(r"^\d+(-\d+)?$")
+
+
+def parse_cursor(after: str) -> tuple[int, int]:
+    """A cursor a reader gave (``"0"`` or an entry id), checked; ``InvalidRequest`` if it is not one."""
+    if not _CURSOR.match(after):
+        raise InvalidRequest(f"invalid event id {after!r}: expected '0' or a stream id like '1700000000000-0'")
+    return parse_id(after)
 
 
 def parse_id(entry_id: bytes | str) -> tuple[int, int]:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import StreamingResponse
 
-from shared import jsonutil
+from shared import jobstream, jsonutil
 from shared.models import Event
 
 from . import metrics
@@ -20,8 +19,6 @@ from .sse import PING, frame, sse_response
 from .state import Gateway, gateway_of
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-_CURSOR = re.compile(r"^\d+(-\d+)?$")
 
 
 class JobSubmission(BaseModel):
@@ -64,10 +61,11 @@ FRAMES = _FrameCache()
 
 
 def parse_cursor(value: str | None) -> str:
+    """The cursor of ``Last-Event-ID`` / ``?after=``: from the start when absent; a malformed one is
+    ``InvalidRequest`` (a 400), never a silent full replay."""
     if value is None or value == "":
         return "0"
-    if not _CURSOR.match(value):
-        raise HTTPException(400, f"invalid event id {value!r}: expected an id like '1700000000000-0'")
+    jobstream.parse_cursor(value)
     return value
 
 
