@@ -50,7 +50,6 @@ class StreamWriter:
         self._batch_done: asyncio.Future[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.entries_written = 0
-        self.batches_written = 0
 
     @property
     def backlog(self) -> int:
@@ -80,7 +79,6 @@ class StreamWriter:
                     done.exception()  # retrieved: every waiter still gets it, nobody else is told
                 else:
                     self.entries_written += len(batch)
-                    self.batches_written += 1
                     done.set_result(None)
         finally:
             self._flusher = None
