@@ -4,12 +4,15 @@ Many jobs stream at once through one worker; a consumer process follows them all
 fan-out readers: a few XREADs over every stream) and measures each delta's latency from the
 simulator's send stamp (CLOCK_MONOTONIC). Baseline in the same run: the same number of streams read
 straight from the simulator over httpx, no fleet. Added latency = fleet minus baseline, per
-percentile. The worker's RSS is read from /proc before and during the load.
+percentile. The worker's RSS is read from /proc before and during the load, and its CPU time over the
+fleet run gives CPU per delta: how many 20 tokens/s streams one core holds. On two cores shared with
+the simulator and the consumer, the 2,000-stream case measures the box as much as the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -24,7 +27,7 @@ from shared.settings import Settings
 
 from .common import percentiles, processes, redis_server, spawn
 
-CASES = ((100, 20, 60), (200, 50, 100))  # streams, tokens/s, tokens
+CASES = ((100, 20, 60), (200, 50, 100), (2000, 20, 60))  # streams, tokens/s, tokens
 START_MS = 4000
 
 
@@ -43,6 +46,12 @@ def _rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 async def _direct(base: str, streams: int, tps: int, tokens: int) -> list[float]:
@@ -102,7 +111,9 @@ def run() -> list[dict[str, Any]]:
             wait_for_port(port)
             time.sleep(1.5)
             direct = percentiles(asyncio.run(_direct(base, streams, tps, tokens)))
+            cpu_before = _cpu_s(worker.pid)
             fleet_samples, rss_per_stream_kb = asyncio.run(_fleet(url, worker.pid, streams, tps, tokens))
+            cpu_us_per_delta = (_cpu_s(worker.pid) - cpu_before) * 1e6 / max(1, len(fleet_samples))
             fleet = percentiles(fleet_samples)
         rows.append(
             {
@@ -117,6 +128,9 @@ def run() -> list[dict[str, Any]]:
                 "direct_p99_ms": round(direct["p99"], 2),
                 "deltas": len(fleet_samples),
                 "worker_rss_kb_per_stream": round(rss_per_stream_kb, 1),
+                # The worker's CPU per delta, whole job included (claim, start, end): what one core holds.
+                "worker_cpu_us_per_delta": round(cpu_us_per_delta, 1),
+                "streams_per_core_at_20_tokens_s": int(1e6 / cpu_us_per_delta / 20) if cpu_us_per_delta else None,
             }
         )
     return rows

@@ -23,6 +23,8 @@ from shared.models import UPSTREAM_PATHS, Error, make_error
 from shared.settings import Settings
 from shared.sse import SSEEvent, SSEParser
 
+from .transport import StreamingTransport
+
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 MAX_ERROR_BODY = 64 * 1024
 
@@ -119,7 +121,7 @@ class Upstream:
     """Opens streaming requests against the configured OpenAI-compatible base URL.
 
     :param settings: base URL, key and timeouts come from here; the key never leaves this object.
-    :param transport: an httpx transport to use instead of the network (for tests).
+    :param transport: the httpx transport; by default ``StreamingTransport``, the fleet's lean HTTP/1.1 read path.
     """
 
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -138,7 +140,7 @@ class Upstream:
                 pool=None,
             ),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=settings.concurrency),
-            transport=transport,
+            transport=transport or StreamingTransport(max_idle_per_origin=settings.concurrency),
         )
 
     async def aclose(self) -> None:

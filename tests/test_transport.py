@@ -1,0 +1,185 @@
+"""The lean upstream transport against real sockets: HTTP servers that send exact bytes, TLS included."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import trustme
+
+from worker.transport import StreamingTransport
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Any]]
+
+
+@asynccontextmanager
+async def server(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[tuple[int, list[int]]]:
+    """A loopback server; yields its port and a list that counts accepted connections."""
+    accepted: list[int] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    listener = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=tls)
+    try:
+        yield listener.sockets[0].getsockname()[1], accepted
+    finally:
+        listener.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+    )
+    return head + await reader.readexactly(length)
+
+
+def chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
+
+
+async def body_of(client: httpx.AsyncClient, url: str) -> tuple[int, bytes]:
+    async with client.stream("POST", url, content=b'{"q": 1}') as response:
+        return response.status_code, b"".join([data async for data in response.aiter_bytes()])
+
+
+async def test_chunked_stream_arrives_piece_by_piece_and_the_connection_is_reused() -> None:
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            requests.append(await read_request(reader))
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for part in (b"data: 1\n\n", b"data: 2\n\n"):
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async with server(handler) as (port, accepted), httpx.AsyncClient(transport=StreamingTransport()) as client:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        async with client.stream("POST", url, content=b'{"q": 1}') as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream"
+            pieces = [data async for data in response.aiter_bytes()]
+        assert pieces == [b"data: 1\n\n", b"data: 2\n\n"]  # each write is its own read: no waiting to batch
+        assert await body_of(client, url) == (200, b"data: 1\n\ndata: 2\n\n")
+        assert len(accepted) == 1
+    assert requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert b"\r\nhost: 127.0.0.1:%d\r\n" % port in requests[0].lower()
+    assert requests[0].endswith(b'\r\n\r\n{"q": 1}')
+
+
+async def test_content_length_and_close_delimited_bodies() -> None:
+    async def with_length(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b'HTTP/1.1 429 Too Many Requests\r\ncontent-length: 13\r\nretry-after: 2\r\n\r\n{"error": {}}')
+        await writer.drain()
+
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\ndata: a\n\n")
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(b"data: b\n\n")
+
+    async with httpx.AsyncClient(transport=StreamingTransport()) as client:
+        async with server(with_length) as (port, _):
+            assert await body_of(client, f"http://127.0.0.1:{port}/") == (429, b'{"error": {}}')
+        async with server(until_close) as (port, _):
+            assert await body_of(client, f"http://127.0.0.1:{port}/") == (200, b"data: a\n\ndata: b\n\n")
+
+
+async def test_gzip_bodies_are_decoded_by_httpx() -> None:
+    import gzip
+
+    payload = gzip.compress(b"data: zipped\n\n")
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(chunked(payload[:10], payload[10:]))
+        await writer.drain()
+
+    async with server(handler) as (port, _), httpx.AsyncClient(transport=StreamingTransport()) as client:
+        assert await body_of(client, f"http://127.0.0.1:{port}/") == (200, b"data: zipped\n\n")
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\ndata:", "closed the connection mid-response"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nshort", "closed the connection mid-response"),
+        (b"NOT HTTP AT ALL\r\n\r\n", "invalid HTTP"),
+        (b"", "closed the connection mid-response"),
+    ],
+)
+async def test_broken_answers_raise_httpx_protocol_errors(reply: bytes, message: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(reply)
+        await writer.drain()
+
+    async with server(handler) as (port, _), httpx.AsyncClient(transport=StreamingTransport()) as client:
+        with pytest.raises(httpx.RemoteProtocolError, match=message):
+            await body_of(client, f"http://127.0.0.1:{port}/")
+
+
+async def test_connect_errors_are_httpx_connect_errors() -> None:
+    async def nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pass
+
+    async with server(nothing) as (port, _):
+        pass  # closed: nothing listens on the port any more
+    async with httpx.AsyncClient(transport=StreamingTransport()) as client:
+        with pytest.raises(httpx.ConnectError, match=f"cannot connect to 127.0.0.1:{port}"):
+            await body_of(client, f"http://127.0.0.1:{port}/")
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await body_of(client, "ftp://127.0.0.1/")
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced_without_an_error() -> None:
+    async def one_answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # then the server drops the kept-alive connection
+
+    async with server(one_answer_then_close) as (port, accepted):
+        async with httpx.AsyncClient(transport=StreamingTransport()) as client:
+            url = f"http://127.0.0.1:{port}/"
+            assert await body_of(client, url) == (200, b"ok")
+            await asyncio.sleep(0.2)
+            assert await body_of(client, url) == (200, b"ok")
+        assert len(accepted) == 2
+
+
+async def test_tls_checks_the_certificate_and_streams() -> None:
+    authority = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(server_tls)
+    trusted = ssl.create_default_context()
+    authority.configure_trust(trusted)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunked(b"data: secret\n\n"))
+        await writer.drain()
+
+    async with server(handler, server_tls) as (port, _):
+        async with httpx.AsyncClient(transport=StreamingTransport(ssl_context=trusted)) as client:
+            assert await body_of(client, f"https://localhost:{port}/") == (200, b"data: secret\n\n")
+        async with httpx.AsyncClient(transport=StreamingTransport()) as client:  # default trust: not our CA
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await body_of(client, f"https://localhost:{port}/")

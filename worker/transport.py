@@ -1,0 +1,239 @@
+"""An httpx transport for long streaming responses: HTTP/1.1 on an asyncio protocol, parsed by httptools.
+
+Every upstream token is one small socket read, thousands a second per worker process, which makes the
+read path the fleet's hottest loop. httpx's default transport (httpcore + h11, pure Python, a stack of
+async layers per read) spent 40-50 µs on each; here a read is one ``data_received`` call, llhttp's C
+parser and a wake-up of the job's task. The client API stays httpx's (``Upstream`` builds an
+``httpx.AsyncClient`` on this), and httpx still applies base URL, headers, content decoding and proxies
+from the environment (proxied URLs get httpx's own transport).
+
+What it does: http and https (TLS with httpx's default context), keep-alive pooling per origin,
+bodies by Content-Length, chunked, or up to the close, back-pressure (reading pauses while the job
+lags). What it leaves out, since an OpenAI-compatible upstream needs none of it: HTTP/2, upgrades,
+interim 1xx answers, request bodies streamed in parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+
+import httptools
+import httpx
+
+PAUSE_BYTES = 256 * 1024  # stop reading the socket while this much is buffered and unread
+Origin = tuple[str, str, int]
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection; the parser's callbacks fill the state one response is read from."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.complete = False
+        self.received = False
+        self.error: Exception | None = None
+        self._until_close = False
+        self._keep_alive = False
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"the upstream sent invalid HTTP: {exc}"))
+            self.close()
+            return
+        if self._buffered > PAUSE_BYTES and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._until_close and not self.complete:
+            self.complete = True  # a body without length or chunks ends with the connection
+        elif not self.complete:
+            reason = f": {exc}" if exc else ""
+            self._fail(httpx.RemoteProtocolError(f"the upstream closed the connection mid-response{reason}"))
+        self._wake()
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        framed = any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self.headers)
+        self._until_close = not framed and self.parser.get_status_code() not in (204, 304)
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once this callback returns
+        self._wake()
+
+    # the reading side
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def response_head(self) -> None:
+        while not self.headers_done:
+            if self.error is not None:
+                raise self.error
+            await self._wait()
+
+    async def read(self) -> bytes | None:
+        """The body bytes received since the last read (waiting for some), or None at its end."""
+        while not self._chunks:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return None
+            await self._wait()
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    @property
+    def reusable(self) -> bool:
+        return self.complete and not self.closed and not self._until_close and self._keep_alive
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, pool: StreamingTransport, origin: Origin, connection: _Connection) -> None:
+        self._pool = pool
+        self._origin = origin
+        self._connection = connection
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while (data := await self._connection.read()) is not None:
+            yield data
+
+    async def aclose(self) -> None:
+        self._pool._release(self._origin, self._connection)
+
+
+class StreamingTransport(httpx.AsyncBaseTransport):
+    """:param ssl_context: for https origins; httpx's default (certifi, hostname checks) when None.
+    :param max_idle_per_origin: keep-alive connections kept per origin between requests."""
+
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_idle_per_origin: int = 100) -> None:
+        self._ssl_context = ssl_context
+        self._max_idle = max_idle_per_origin
+        self._idle: dict[Origin, list[_Connection]] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"this transport speaks http and https, not {url.scheme!r}")
+        origin: Origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
+        message = b"".join(
+            [request.method.encode(), b" ", url.raw_path, b" HTTP/1.1\r\n"]
+            + [name + b": " + value + b"\r\n" for name, value in request.headers.raw]
+            + [b"\r\n", body]
+        )
+        connect_timeout = request.extensions.get("timeout", {}).get("connect")
+        while True:
+            connection, reused = self._idle_connection(origin), True
+            if connection is None:
+                connection, reused = await self._connect(origin, connect_timeout), False
+            assert connection.transport is not None
+            connection.transport.write(message)
+            try:
+                await connection.response_head()
+            except httpx.RemoteProtocolError:
+                connection.close()
+                if reused and not connection.received:
+                    continue  # the server had closed this idle connection: the request never reached it
+                raise
+            except BaseException:
+                connection.close()
+                raise
+            return httpx.Response(
+                connection.parser.get_status_code(),
+                headers=connection.headers,
+                stream=_Body(self, origin, connection),
+                extensions={"http_version": b"HTTP/1.1"},
+            )
+
+    def _idle_connection(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            if not connection.closed:
+                connection.reset()
+                return connection
+        return None
+
+    async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
+        scheme, host, port = origin
+        tls = None
+        if scheme == "https":
+            tls = self._ssl_context = self._ssl_context or httpx.create_ssl_context()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, connection = await loop.create_connection(
+                    _Connection, host, port, ssl=tls, server_hostname=host if tls else None
+                )
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
+        except OSError as exc:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
+            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+        return connection
+
+    def _release(self, origin: Origin, connection: _Connection) -> None:
+        idle = self._idle.setdefault(origin, [])
+        if connection.reusable and len(idle) < self._max_idle:
+            idle.append(connection)
+        else:
+            connection.close()
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()
