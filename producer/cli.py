@@ -16,7 +16,7 @@ import orjson
 import typer
 import uvloop
 
-from shared import embedded, jsonutil
+from shared import embedded, jsonutil, logs
 from shared.accumulate import delta_text
 from shared.errors import StreamfleetError
 from shared.models import CANCELLED, DELTA, DONE, ERROR, RETRY, Event
@@ -198,7 +198,7 @@ def cancel(job: Annotated[str, typer.Argument(help="The job id.")]) -> None:
 def status(
     job: Annotated[str | None, typer.Argument(help="A job id; the fleet's status without.")] = None,
 ) -> None:
-    """A job's state, or the fleet's: queue depth, live workers, running jobs."""
+    """A job's state, or the fleet's: queue depth, live workers with their running jobs, recent failures."""
     state = run(lambda fleet: fleet.status(job))
     typer.echo(orjson.dumps(state, option=orjson.OPT_INDENT_2).decode())
 
@@ -207,9 +207,13 @@ def status(
 def worker(
     concurrency: Annotated[int | None, typer.Option(help="Jobs run at once.")] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty.")] = False,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve /metrics, /livez and /readyz on this port.", min=1, max=65535)
+    ] = None,
 ) -> None:
     """Run one uvloop arq worker."""
     args = (["--concurrency", str(concurrency)] if concurrency else []) + (["--burst"] if burst else [])
+    args += ["--metrics-port", str(metrics_port)] if metrics_port else []
     launch.exec_part("worker", *args)
 
 
@@ -221,9 +225,10 @@ def gateway(
     """Run the HTTP gateway (jobs API, OpenAI-compatible routes)."""
     from .gateway import serve
 
-    logging.getLogger().setLevel(logging.INFO)
+    current = settings()
+    logs.configure(current.log_format)
     try:
-        serve(settings(), host=host, port=port)
+        serve(current, host=host, port=port)
     except StreamfleetError as exc:
         raise fail(str(exc)) from None
 

@@ -247,7 +247,9 @@ class FleetClient:
         return outcome
 
     async def status(self, job_id: str | None = None) -> dict[str, Any]:
-        """A job's status (``{"id", "status", "result"?, "error"?}``), or the fleet's without an id."""
+        """A job's status (``{"id", "status", "result"?, "error"?}``), or the fleet's without an id:
+        queue depth, running jobs, live workers (from their heartbeats) each with its running jobs,
+        and the latest jobs that ended in error, newest first."""
         if job_id is not None:
             last = await self.last_event(job_id)
             status: dict[str, Any] = {"id": job_id, "status": status_of(last)}
@@ -265,8 +267,10 @@ class FleetClient:
                 workers.append(jsonutil.loads(raw))
         running = sum(len(worker.get("running", [])) for worker in workers)
         depth = await self.redis.zcard(keys.QUEUE)
+        failures: list[bytes] = await self.redis.lrange(keys.FAILURES, 0, 9)  # type: ignore[misc]
         return {
             "queued": max(0, depth - running),
             "running": running,
             "workers": sorted(workers, key=lambda worker: str(worker.get("id"))),
+            "recent_failures": [jsonutil.loads(failure) for failure in failures],
         }

@@ -20,6 +20,10 @@ QUEUED_CHANNEL = "sf:queued"
 
 WORKER_PREFIX = "sf:worker:"
 
+FAILURES = "sf:failures"
+"""List of the latest jobs that ended in ``error`` (newest first), for ``streamfleet status``."""
+FAILURES_KEPT = 50
+
 RUNNING = "sf:running"
 """Sorted set of running job ids, scored by when their lease ends (ms): a job whose worker stops
 renewing it is given to another worker."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=25, ge=0)
     """On SIGTERM, how long running jobs may go on before they are handed back (Kubernetes'
     terminationGracePeriodSeconds is 30 by default)."""
+
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Where a worker serves /metrics, /livez and /readyz (``--metrics-port`` overrides); none when unset."""
+    metrics_host: str = "0.0.0.0"
+    """The address the worker's metrics and probes bind (a pod's probes and scrapes come from outside it)."""
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """``auto``: JSON lines unless stderr is a terminal."""
 
     # Gateway tuning.
     gateway_ping_seconds: float = Field(default=15, gt=0)

@@ -7,12 +7,13 @@ The scripts read an entry's ``t`` field, the type, as ``shared.jobstream`` lays 
 
 from __future__ import annotations
 
+import time
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 
 from . import jsonutil, keys
-from .models import TERMINAL_TYPES, make_error
+from .models import ERROR, TERMINAL_TYPES, make_error
 
 # An entry comes back from XREVRANGE as {id, {"t", type, "d", data}}.
 _LAST_TYPE = """
@@ -92,6 +93,10 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 redis.call('EXPIRE', KEYS[5], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[5])
+if ARGV[6] ~= '' then
+  redis.call('LPUSH', KEYS[6], ARGV[6])
+  redis.call('LTRIM', KEYS[6], 0, tonumber(ARGV[7]) - 1)
+end
 return id
 """
 )
@@ -195,6 +200,12 @@ def _text(result: Any) -> str:
     return result.decode() if isinstance(result, bytes) else str(result)
 
 
+def _failure(job_id: str, error: Any) -> bytes:
+    """A job's entry in the list of recent failures (``keys.FAILURES``)."""
+    record = {"id": job_id, "at": round(time.time(), 3), "type": error.get("type"), "message": error.get("message")}
+    return jsonutil.dumps(record)
+
+
 class JobStream:
     """The atomic steps on job streams, bound to one Redis client.
 
@@ -276,9 +287,17 @@ class JobStream:
         :param started_id: the ending attempt's ``started`` id: refused if another attempt owns the job.
         """
         assert type in TERMINAL_TYPES, type
+        failure = _failure(job_id, data.get("error") or {}) if type == ERROR else b""
         result = await self._terminal(
-            keys=[keys.events(job_id), keys.attempt(job_id), keys.attempts(job_id), keys.RUNNING, keys.tenant(job_id)],
-            args=[type, jsonutil.dumps(data), self.ttl_seconds, started_id or "", job_id],
+            keys=[
+                keys.events(job_id),
+                keys.attempt(job_id),
+                keys.attempts(job_id),
+                keys.RUNNING,
+                keys.tenant(job_id),
+                keys.FAILURES,
+            ],
+            args=[type, jsonutil.dumps(data), self.ttl_seconds, started_id or "", job_id, failure, keys.FAILURES_KEPT],
         )
         return _text(result) if result else None
 
@@ -312,7 +331,13 @@ class JobStream:
             ],
             args=[job_id, jsonutil.dumps(error), self.ttl_seconds],
         )
-        return _text(result)
+        outcome = _text(result)
+        if outcome == "lost":
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.lpush(keys.FAILURES, _failure(job_id, error))
+            pipe.ltrim(keys.FAILURES, 0, keys.FAILURES_KEPT - 1)
+            await pipe.execute()
+        return outcome
 
     async def cancel(self, job_id: str) -> str:
         """Request cancellation: ``cancelled`` (it was queued and has ended), ``signalled`` (a worker

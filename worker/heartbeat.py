@@ -14,7 +14,9 @@ import os
 import time
 
 from shared import jsonutil, keys
+from shared.models import ERROR
 
+from . import metrics
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -40,10 +42,19 @@ async def beat(runtime: Runtime) -> None:
             }
             try:
                 await runtime.jobs.renew(running, lease_ms=lease_ms)
-                await runtime.redis.set(key, jsonutil.dumps(record), ex=WORKER_TTL_S)
+                pipe = runtime.redis.pipeline(transaction=False)
+                pipe.set(key, jsonutil.dumps(record), ex=WORKER_TTL_S)
+                pipe.zcard(keys.QUEUE)
+                pipe.zcard(keys.RUNNING)
+                _, queue_entries, fleet_running = await pipe.execute()
+                runtime.redis_seen = time.monotonic()
+                # arq's queue holds running jobs too (until they finish): the waiting ones are the rest.
+                metrics.QUEUE_DEPTH.set(max(0, queue_entries - fleet_running))
+                metrics.FLEET_RUNNING.set(fleet_running)
                 await reap(runtime)
             except Exception as exc:
                 logger.warning("heartbeat failed: %s", exc)
+            runtime.beat_at = time.monotonic()
             await asyncio.sleep(interval)
     finally:
         try:
@@ -59,4 +70,7 @@ async def reap(runtime: Runtime) -> None:
             continue  # ours: the renewal above raced the clock; the next one will catch up
         outcome = await runtime.jobs.reclaim(job_id)
         if outcome in ("requeued", "lost"):
-            logger.warning("job %s: its worker stopped renewing its lease; %s", job_id, outcome)
+            fields = {"job": job_id, "worker": runtime.worker_id, "event": "reclaimed", "outcome": outcome}
+            logger.warning("job %s: its worker stopped renewing its lease; %s", job_id, outcome, extra=fields)
+        if outcome == "lost":
+            metrics.JOBS.labels(ERROR).inc()

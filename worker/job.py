@@ -28,7 +28,7 @@ from shared.jobstream import DeltaEncoder, StreamDecoder
 from shared.models import CANCELLED, DONE, ERROR, RETRY, Error, make_error
 from shared.transitions import Start
 
-from . import supervisor
+from . import metrics, supervisor
 from .runtime import Runtime
 from .upstream import UpstreamError, UpstreamHTTPError, UpstreamStreamError, UpstreamTimeout, stream_error
 from .writer import BACKLOG_LIMIT
@@ -46,15 +46,16 @@ async def generate(ctx: dict[str, Any], *, endpoint: str, request: dict[str, Any
     """
     runtime: Runtime = ctx["runtime"]
     job_id = ctx["job_id"]
+    fields = {"job": job_id, "worker": runtime.worker_id}
     try:
-        await Job(runtime, job_id, endpoint, request).run()
+        await Job(runtime, job_id, endpoint, request, enqueued=ctx["enqueue_time"].timestamp()).run()
     except (RedisConnectionError, RedisTimeoutError) as exc:
-        logger.warning("job %s: Redis unreachable (%s); back to the queue", job_id, exc)
+        logger.warning("job %s: Redis unreachable (%s); back to the queue", job_id, exc, extra=fields)
         raise ArqRetry(defer=1) from exc
     except Exception as exc:  # a bug: the job still gets its one terminal event
-        logger.exception("job %s: internal error", job_id)
+        logger.exception("job %s: internal error", job_id, extra=fields)
         error = make_error("internal", f"the worker failed: {type(exc).__name__}")
-        await runtime.jobs.end(job_id, ERROR, {"error": error, "partial": None})
+        await runtime.end(job_id, ERROR, {"error": error, "partial": None})
 
 
 class Fenced(Exception):
@@ -62,8 +63,11 @@ class Fenced(Exception):
 
 
 class Job:
-    def __init__(self, runtime: Runtime, job_id: str, endpoint: str, request: dict[str, Any]) -> None:
+    def __init__(
+        self, runtime: Runtime, job_id: str, endpoint: str, request: dict[str, Any], *, enqueued: float
+    ) -> None:
         self.runtime = runtime
+        self.enqueued = enqueued  # wall clock (s) of the submit
         self.settings = runtime.settings
         self.job_id = job_id
         self.endpoint = endpoint
@@ -75,6 +79,13 @@ class Job:
         self.accumulator: Accumulator | None = None
         self.deltas = 0
         self.pending: asyncio.Future[None] | None = None
+        self.first_token_s: float | None = None
+
+    def log(self, level: int, message: str, *args: Any, **fields: Any) -> None:
+        """One log line about this job; in JSON logs ``fields`` become keys beside job, attempt and worker."""
+        attempt = self.start.attempt if self.start is not None else None
+        extra = {"job": self.job_id, "attempt": attempt, "worker": self.runtime.worker_id, **fields}
+        logger.log(level, "job %s: " + message, self.job_id, *args, extra=extra)
 
     async def run(self) -> None:
         runtime = self.runtime
@@ -83,6 +94,7 @@ class Job:
         watch = runtime.supervisor.watch(self.job_id, task)
         began = time.monotonic()
         delay = 0.0
+        metrics.RUNNING_JOBS.inc()
         try:
             while True:
                 try:
@@ -107,12 +119,14 @@ class Job:
                         kind, data = ERROR, {"error": error, "partial": self._partial()}
                     else:
                         failure = self._timeout(reason)
+                        metrics.UPSTREAM_ERRORS.labels(failure.error["type"]).inc()
                         kind, data = ERROR, {"error": failure.error, "partial": self._partial()}
                         retry = await self._retry_or_not(failure)
                         if retry is not None:
                             delay = retry
                             continue
                 except UpstreamError as failure:
+                    metrics.UPSTREAM_ERRORS.labels(failure.error["type"]).inc()
                     kind, data = ERROR, {"error": failure.error, "partial": self._partial()}
                     if failure.retryable:
                         retry = await self._retry_or_not(failure)
@@ -123,8 +137,9 @@ class Job:
                 await self._end(kind, data, began)
                 return
         except Fenced:
-            logger.warning("job %s: attempt fenced off by a newer attempt or the job's end", self.job_id)
+            self.log(logging.WARNING, "attempt fenced off by a newer attempt or the job's end", event="fenced")
         finally:
+            metrics.RUNNING_JOBS.dec()
             runtime.supervisor.release(self.job_id)
             runtime.writer.fenced.discard(self.stream)
 
@@ -140,17 +155,32 @@ class Job:
             self.accumulator = accumulator_for(self.endpoint)
             self.deltas = 0
             self.pending = None
-            logger.info("job %s: attempt %d started on %s", self.job_id, start.attempt, self.runtime.worker_id)
+            self.first_token_s = None
+            metrics.ATTEMPTS.inc()
+            waited: dict[str, float] = {}
+            if start.attempt == 1:
+                queue_wait = max(0.0, time.time() - self.enqueued)
+                metrics.QUEUE_WAIT.observe(queue_wait)
+                waited = {"queue_wait_s": round(queue_wait, 4)}
+            self.log(
+                logging.INFO,
+                "attempt %d started on %s",
+                start.attempt,
+                self.runtime.worker_id,
+                event="started",
+                **waited,
+            )
             return True
+        runtime = self.runtime
         if start.status == "cancel":
-            await jobs.end(self.job_id, CANCELLED, {"partial": None})
-            logger.info("job %s: cancelled before it started", self.job_id)
+            await runtime.end(self.job_id, CANCELLED, {"partial": None})
+            self.log(logging.INFO, "cancelled before it started", event=CANCELLED)
         elif start.status == "exhausted":
             error = await self._last_retry_error()
-            await jobs.end(self.job_id, ERROR, {"error": error, "partial": None})
-            logger.info("job %s: error, its %d attempts are spent", self.job_id, start.attempt - 1)
+            await runtime.end(self.job_id, ERROR, {"error": error, "partial": None})
+            self.log(logging.INFO, "error, its %d attempts are spent", start.attempt - 1, event=ERROR)
         else:
-            logger.info("job %s: not started, the job has %s", self.job_id, start.status)
+            self.log(logging.INFO, "not started, the job has %s", start.status, event="skipped")
         return False
 
     async def _stream(self, watch: supervisor.Watch) -> tuple[str, dict[str, Any]]:
@@ -158,31 +188,43 @@ class Job:
         assert encoder is not None and accumulator is not None
         limit = self.settings.max_stream_events
         in_stream_error: UpstreamError | None = None
-        async with self.runtime.upstream.open(self.endpoint, self.request) as events:
-            async for event in events:
-                watch.last_event = time.monotonic()
-                if event.data == DONE_MARKER:
-                    break
-                try:
-                    chunk = jsonutil.loads(event.data)
-                except ValueError:
-                    raise UpstreamStreamError(
-                        make_error("upstream_error", "the upstream sent data that is not JSON")
-                    ) from None
-                self.pending = writer.append(stream, *encoder.delta(event.data))
-                self.deltas += 1
-                accumulator.add(chunk, event.event)
-                # An error inside the stream is final, but what the upstream sends after it
-                # (OpenAI's response.failed) is still published: the job ends when the stream does.
-                in_stream_error = in_stream_error or stream_error(event, chunk)
-                if stream in writer.fenced:
-                    raise Fenced
-                if self.deltas >= limit:
-                    raise UpstreamStreamError(
-                        make_error("upstream_error", f"the upstream sent over {limit} events; the job was stopped")
-                    )
-                if writer.backlog > BACKLOG_LIMIT:
-                    await self.pending
+        last = time.monotonic()
+        metrics.OPEN_STREAMS.inc()
+        try:
+            async with self.runtime.upstream.open(self.endpoint, self.request) as events:
+                async for event in events:
+                    now = watch.last_event = time.monotonic()
+                    if event.data == DONE_MARKER:
+                        break
+                    try:
+                        chunk = jsonutil.loads(event.data)
+                    except ValueError:
+                        raise UpstreamStreamError(
+                            make_error("upstream_error", "the upstream sent data that is not JSON")
+                        ) from None
+                    self.pending = writer.append(stream, *encoder.delta(event.data))
+                    if self.deltas:
+                        metrics.INTER_TOKEN.observe(now - last)
+                    else:
+                        self.first_token_s = now - last
+                        metrics.TIME_TO_FIRST_TOKEN.observe(self.first_token_s)
+                    last = now
+                    self.deltas += 1
+                    metrics.DELTAS.inc()
+                    accumulator.add(chunk, event.event)
+                    # An error inside the stream is final, but what the upstream sends after it
+                    # (OpenAI's response.failed) is still published: the job ends when the stream does.
+                    in_stream_error = in_stream_error or stream_error(event, chunk)
+                    if stream in writer.fenced:
+                        raise Fenced
+                    if self.deltas >= limit:
+                        raise UpstreamStreamError(
+                            make_error("upstream_error", f"the upstream sent over {limit} events; the job was stopped")
+                        )
+                    if writer.backlog > BACKLOG_LIMIT:
+                        await self.pending
+        finally:
+            metrics.OPEN_STREAMS.dec()
         if in_stream_error is not None:
             raise in_stream_error
         return DONE, {"result": accumulator.result()}
@@ -210,12 +252,15 @@ class Job:
         await self.runtime.writer.append(self.stream, *self.encoder.event(RETRY, data))
         if self.stream in self.runtime.writer.fenced:
             raise Fenced
-        logger.info(
-            "job %s: attempt %d failed (%s); retry in %.2fs",
-            self.job_id,
+        self.log(
+            logging.INFO,
+            "attempt %d failed (%s); retry in %.2fs",
             self.start.attempt,
             failure.error["message"],
             delay,
+            event=RETRY,
+            error_type=failure.error["type"],
+            delay_s=round(delay, 3),
         )
         self.accumulator = None  # the void attempt's text is no one's partial result
         return delay
@@ -242,14 +287,21 @@ class Job:
         if self.stream in self.runtime.writer.fenced:
             raise Fenced
         started_id = self.start.started_id if self.start is not None else None
-        ended = await self.runtime.jobs.end(self.job_id, kind, data, started_id=started_id)
-        logger.info(
-            "job %s: %s after %d deltas in %.3fs (attempt %d)",
-            self.job_id,
+        ended = await self.runtime.end(self.job_id, kind, data, started_id=started_id)
+        elapsed = time.monotonic() - began
+        timings = {"elapsed_s": round(elapsed, 4), "deltas": self.deltas}
+        if self.first_token_s is not None:
+            timings["ttft_s"] = round(self.first_token_s, 4)
+        if kind == ERROR:
+            timings["error_type"] = data["error"]["type"]
+        self.log(
+            logging.INFO,
+            "%s after %d deltas in %.3fs",
             kind if ended else f"{kind} not written (the job had ended or moved on)",
             self.deltas,
-            time.monotonic() - began,
-            self.start.attempt if self.start is not None else 0,
+            elapsed,
+            event=kind if ended else "end_refused",
+            **timings,
         )
 
     async def _hand_back(self) -> None:
@@ -259,4 +311,5 @@ class Job:
             retry = self.encoder.event(RETRY, {"attempt": self.start.attempt, "error": error, "delay_s": 0})
             await self.runtime.writer.append(self.stream, *retry)
         await self.runtime.jobs.hand_back(self.job_id)
-        logger.info("job %s: handed back to the queue", self.job_id)
+        metrics.HANDED_BACK.inc()
+        self.log(logging.INFO, "handed back to the queue", event="handed_back")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from signal import Signals
 from typing import Any
 
 import uvloop
@@ -24,6 +25,7 @@ from shared.models import ERROR, make_error
 from shared.settings import Settings
 
 from . import heartbeat
+from .health import HealthServer
 from .job import generate
 from .runtime import Runtime
 
@@ -67,6 +69,14 @@ class FleetWorker(Worker):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.runtime.settings.poll_delay_seconds)
 
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        self.runtime.draining = True  # not ready from now on (the probes)
+        super().handle_sig_wait_for_completion(signum)
+
+    def handle_sig(self, signum: Signals) -> None:
+        self.runtime.draining = True
+        super().handle_sig(signum)
+
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         expired = not await self.pool.exists(keys.arq_job(job_id))
         await super().finish_failed_job(job_id, result_data)
@@ -74,8 +84,9 @@ class FleetWorker(Worker):
             error = make_error("timeout", "the job expired in the queue before a worker took it")
         else:
             error = make_error("internal", "the job could not be run: its queue entry is unreadable")
-        if await self.runtime.jobs.end(job_id, ERROR, {"error": error, "partial": None}):
-            logger.warning("job %s: error (%s)", job_id, error["message"])
+        if await self.runtime.end(job_id, ERROR, {"error": error, "partial": None}):
+            fields = {"job": job_id, "worker": self.runtime.worker_id, "event": ERROR, "error_type": error["type"]}
+            logger.warning("job %s: error (%s)", job_id, error["message"], extra=fields)
 
 
 def build_worker(runtime: Runtime, redis: ArqRedis, *, concurrency: int, burst: bool) -> Worker:
@@ -117,8 +128,13 @@ async def _check_eviction_policy(redis: ArqRedis) -> None:
         )
 
 
-async def serve(settings: Settings, *, concurrency: int | None = None, burst: bool = False) -> None:
-    """Run one worker until it is signalled (or, with ``burst``, until the queue is empty)."""
+async def serve(
+    settings: Settings, *, concurrency: int | None = None, burst: bool = False, metrics_port: int | None = None
+) -> None:
+    """Run one worker until it is signalled (or, with ``burst``, until the queue is empty).
+
+    :param metrics_port: serve ``/metrics``, ``/livez`` and ``/readyz`` there (``worker.health``).
+    """
     url = connection.resolve_url(settings)
     redis = ArqRedis(
         pool_or_conn=connection.pool(url, name="streamfleet-worker"),
@@ -130,6 +146,9 @@ async def serve(settings: Settings, *, concurrency: int | None = None, burst: bo
     await _check_eviction_policy(redis)
     runtime.supervisor.start()
     beating = asyncio.create_task(heartbeat.beat(runtime))
+    health = HealthServer(runtime)
+    if metrics_port is not None:
+        await health.start(settings.metrics_host, metrics_port)
     logger.info("worker %s: taking jobs (concurrency %d)", runtime.worker_id, worker.max_jobs)
     try:
         with contextlib.suppress(asyncio.CancelledError):
@@ -138,6 +157,7 @@ async def serve(settings: Settings, *, concurrency: int | None = None, burst: bo
         if worker.tasks:
             await asyncio.wait(list(worker.tasks.values()), timeout=5)
     finally:
+        await health.aclose()
         beating.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beating
@@ -147,9 +167,11 @@ async def serve(settings: Settings, *, concurrency: int | None = None, burst: bo
         logger.info("worker %s: stopped", runtime.worker_id)
 
 
-def run(settings: Settings, *, concurrency: int | None = None, burst: bool = False) -> None:
+def run(
+    settings: Settings, *, concurrency: int | None = None, burst: bool = False, metrics_port: int | None = None
+) -> None:
     """Entry point: a uvloop event loop running ``serve``."""
     # arq logs each job's arguments at INFO, and they are request bodies: keep arq to warnings.
     logging.getLogger("arq").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the job lines
-    uvloop.run(serve(settings, concurrency=concurrency, burst=burst))
+    uvloop.run(serve(settings, concurrency=concurrency, burst=burst, metrics_port=metrics_port))

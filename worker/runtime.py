@@ -6,12 +6,14 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 
 from shared.settings import Settings
 from shared.transitions import JobStream
 
+from . import metrics
 from .supervisor import Supervisor
 from .upstream import Upstream
 from .writer import StreamWriter
@@ -25,6 +27,12 @@ class Runtime:
     writer: StreamWriter
     upstream: Upstream
     supervisor: Supervisor
+    redis_seen: float = 0.0
+    """When a heartbeat last reached Redis (monotonic): what the health probes judge Redis by."""
+    beat_at: float = 0.0
+    """When the heartbeat last ran, reaching Redis or not (monotonic): the sign that the loop turns."""
+    draining: bool = False
+    """Set at the shutdown signal: the worker takes no more jobs and reports itself not ready."""
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 
     @classmethod
@@ -37,6 +45,13 @@ class Runtime:
             upstream=Upstream(settings),
             supervisor=Supervisor(redis, settings),
         )
+
+    async def end(self, job_id: str, kind: str, data: Any, *, started_id: str | None = None) -> bool:
+        """Write the job's terminal event (see ``JobStream.end``) and count it; False if refused."""
+        ended = await self.jobs.end(job_id, kind, data, started_id=started_id)
+        if ended:
+            metrics.JOBS.labels(kind).inc()
+        return ended is not None
 
     async def aclose(self) -> None:
         await self.supervisor.aclose()

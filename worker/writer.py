@@ -27,6 +27,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.jobstream import APPEND_LUA, D, Fields, T
 
+from . import metrics
+
 logger = logging.getLogger(__name__)
 
 RETRY_FOR_S = 30.0
@@ -112,6 +114,7 @@ class StreamWriter:
         keys = [stream.encode() for stream, _, _ in batch]
         argv = [part for _, entry_id, fields in batch for part in (entry_id, fields[T], fields[D])]
         payload = _resp([b"EVALSHA", self._sha, b"%d" % len(keys), *keys, *argv])
+        metrics.PUBLISHED_BYTES.inc(len(payload))
         pool = self._redis.connection_pool
         conn = await pool.get_connection("EVALSHA")
         try:

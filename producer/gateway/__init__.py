@@ -36,6 +36,7 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> N
         loop="uvloop",
         http="httptools",
         log_level="warning",
+        log_config=None,  # uvicorn's lines go through the process's own (JSON) logging
         access_log=False,
         timeout_graceful_shutdown=5,
     )

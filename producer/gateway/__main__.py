@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
+from shared import logs
 from shared.settings import Settings
 
 from . import serve
@@ -14,5 +14,6 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(Settings(), host=args.host, port=args.port)
+    settings = Settings()
+    logs.configure(settings.log_format)
+    serve(settings, host=args.host, port=args.port)
