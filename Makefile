@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak lint bench clean
+.PHONY: demo test soak lint bench clean lock
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,12 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The image installs from requirements.lock: every runtime dependency, exact. Refresh it after
+# changing the dependencies in pyproject.toml (tests/test_deploy.py checks the two agree).
+lock:
+	rm -rf /tmp/streamfleet-lock && $(PYTHON) -m venv /tmp/streamfleet-lock
+	/tmp/streamfleet-lock/bin/python -m pip install --quiet --disable-pip-version-check .
+	{ echo "# Runtime dependencies of the image, exact (make lock). Python 3.11, Linux x86_64."; \
+	  /tmp/streamfleet-lock/bin/python -m pip freeze --disable-pip-version-check | grep -v '^streamfleet' ; } > requirements.lock
+	rm -rf /tmp/streamfleet-lock

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -176,10 +177,13 @@ def start_worker(fleet_env: dict[str, str], sync_redis: redis.Redis) -> Iterator
                 return True
         return False
 
-    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> subprocess.Popen[bytes]:
+    def start(
+        *args: str, env: dict[str, str] | None = None, wait: bool = True, stderr: IO[bytes] | None = None
+    ) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
             [sys.executable, "-m", "worker", *args],
             env={**os.environ, **fleet_env, **(env or {})},
+            stderr=stderr,
         )
         processes.append(process)
         if wait:
