@@ -1,0 +1,247 @@
+"""The deployment files, checked without a Docker engine or a cluster (none runs here).
+
+- docker-compose.yml against the compose specification's JSON schema (check-jsonschema's copy);
+- the Dockerfile linted by hadolint, and its RUN steps run into a fresh venv from which every role
+  of docker-compose.yml is started, with the file's own commands, and a job runs through them;
+- k8s/: the overlay built by kustomize (kubectl's), every object validated against the Kubernetes
+  schemas (kubernetes-validate), the KEDA and HPA components checked against the fleet's metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from producer import FleetClient
+from shared.models import DONE
+from shared.ports import free_port, port_open
+from shared.settings import Settings
+from tests.conftest import stop_process, wait_until
+from worker import metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def run(*args: str | Path, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(arg) for arg in args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return document
+
+
+# docker-compose.yml
+
+
+def test_compose_file_follows_the_compose_specification(tmp_path: Path) -> None:
+    check = run(BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", COMPOSE)
+    assert check.returncode == 0, check.stdout + check.stderr
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("stop_grace_period: 35s", "stop_grace_period: [35]"))
+    assert run(BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", broken).returncode == 1
+
+
+def test_compose_runs_a_durable_redis_two_workers_and_health_checks_everywhere() -> None:
+    services = compose()["services"]
+    redis = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis and "--appendfsync everysec" in redis
+    assert "--maxmemory-policy noeviction" in redis
+    assert services["worker"]["deploy"]["replicas"] >= 2
+    grace = int(services["worker"]["stop_grace_period"].rstrip("s"))
+    assert grace >= Settings.model_fields["shutdown_grace_seconds"].default + 5
+    assert all("healthcheck" in service for service in services.values())
+    assert not any("UPSTREAM_API_KEY" in str(service.get("environment")) for service in services.values())
+
+
+# Dockerfile
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    lint = run(BIN / "hadolint", ROOT / "Dockerfile")
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_lock_pins_every_runtime_dependency_within_its_range() -> None:
+    pins = dict(
+        line.split("==", 1)
+        for line in (ROOT / "requirements.lock").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    pins = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins.items()}
+    project = (ROOT / "pyproject.toml").read_text()
+    dependencies = re.search(r"^dependencies = \[(.*?)^\]", project, re.M | re.S)
+    assert dependencies is not None
+    for line in re.findall(r'"([^"]+)"', dependencies.group(1)):
+        requirement = Requirement(line)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in pins, f"{name} is not in requirements.lock: run make lock"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement.specifier}"
+
+
+def build_stage(root: Path) -> None:
+    """Do the Dockerfile's build stage here: its COPY and RUN steps, with the image's absolute paths
+    under ``root`` (so a file the image forgets to copy is missing here too)."""
+
+    def here(path: str) -> str:
+        return str(root / path.lstrip("/")) if path.startswith("/") else path
+
+    stage = (ROOT / "Dockerfile").read_text().split("\nFROM ")[1]
+    for line in stage.splitlines():
+        instruction, _, rest = line.partition(" ")
+        if instruction == "COPY":
+            *sources, target = rest.split()
+            for source in sources:
+                destination = Path(here(target))
+                if target.endswith("/"):
+                    destination = destination / Path(source).name
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                if (ROOT / source).is_dir():
+                    shutil.copytree(ROOT / source, destination, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(ROOT / source, destination)
+        elif instruction == "RUN":
+            command = " ".join(here(word) for word in rest.split()).replace(
+                "python -m venv", f"{sys.executable} -m venv"
+            )
+            done = subprocess.run(command, shell=True, cwd=root, capture_output=True, text=True, timeout=240)
+            assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_image_steps_install_and_every_compose_role_runs_from_them(
+    tmp_path: Path, redis_url: str, state_dir: Path
+) -> None:
+    (tmp_path / "image").mkdir()
+    build_stage(tmp_path / "image")
+    venv = tmp_path / "image" / "opt" / "venv"
+
+    services = compose()["services"]
+    simulator_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
+    ports = {"9000": str(simulator_port), "8000": str(gateway_port), "9100": str(metrics_port)}
+    env = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("STREAMFLEET_")},
+        "STREAMFLEET_REDIS_URL": redis_url,
+        "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{simulator_port}/v1",
+        "STREAMFLEET_GATEWAY_API_KEYS": "deploy-test-key",
+        "STREAMFLEET_STATE_DIR": str(state_dir),
+    }
+    processes = []
+    try:
+        for role in ("simulator", "worker", "gateway"):
+            command = [ports.get(arg, arg) for arg in services[role]["command"]]
+            processes.append(subprocess.Popen([venv / "bin" / "streamfleet", *command], env=env, cwd=tmp_path))
+        for port in (simulator_port, gateway_port, metrics_port):
+            wait_until(lambda port=port: port_open(port), timeout=30, what=f"port {port}")
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{metrics_port}/readyz").status_code == 200, what="ready")
+        assert httpx.get(f"http://127.0.0.1:{gateway_port}/healthz").status_code == 200
+
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway_port}") as http:
+            headers = {"authorization": "Bearer deploy-test-key"}
+            body = {"request": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
+            created = (await http.post("/v1/jobs", json=body, headers=headers)).json()
+        async with FleetClient(Settings(redis_url=redis_url)) as fleet:
+            assert (await fleet.wait(created["id"], timeout=30)).type == DONE
+    finally:
+        for process in processes:
+            stop_process(process, signal.SIGTERM, timeout=40)
+
+
+# k8s/
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    built = run("kubectl", "kustomize", "--load-restrictor=LoadRestrictionsNone", path)
+    assert built.returncode == 0, built.stderr
+    return [document for document in yaml.safe_load_all(built.stdout) if document]
+
+
+def validate(objects: list[dict[str, Any]], tmp_path: Path) -> str:
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump_all(objects))
+    checked = run(BIN / "kubernetes-validate", "--strict", manifest)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    return checked.stdout + checked.stderr
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(item for item in objects if item["kind"] == kind and item["metadata"]["name"] == name)
+
+
+def exported(query: str) -> set[str]:
+    names = set(re.findall(r"streamfleet_[a-z_]+", query))
+    assert names <= {metric._name for metric in vars(metrics).values() if hasattr(metric, "_name")}, names
+    return names
+
+
+@pytest.fixture(scope="module")
+def production() -> list[dict[str, Any]]:
+    if shutil.which("kubectl") is None:
+        pytest.fail("kubectl (its built-in kustomize) is needed to build k8s/: install kubectl")
+    return kustomize(ROOT / "k8s" / "overlays" / "production")
+
+
+def test_production_overlay_is_valid_kubernetes(production: list[dict[str, Any]], tmp_path: Path) -> None:
+    kinds = {item["kind"] for item in production}
+    assert {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget", "ConfigMap", "ScaledObject"} <= kinds
+    core = [item for item in production if item["kind"] != "ScaledObject"]  # a CRD: checked below
+    report = validate(core, tmp_path)
+    assert report.count("passed for resource") == len(core)
+    assert all(item["metadata"]["namespace"] == "streamfleet" for item in production)
+    secret = tmp_path / "secret.yaml"
+    secret.write_text((ROOT / "k8s" / "secret.example.yaml").read_text())
+    assert run(BIN / "kubernetes-validate", "--strict", secret).returncode == 0
+
+
+def test_worker_deployment_drains_probes_and_reads_secrets(production: list[dict[str, Any]]) -> None:
+    worker = by_kind(production, "Deployment", "streamfleet-worker")
+    pod = worker["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"].startswith("registry.example.com/streamfleet:")
+    assert container["args"][:1] == ["worker"] and "--metrics-port" in container["args"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["terminationGracePeriodSeconds"] >= Settings.model_fields["shutdown_grace_seconds"].default + 5
+    assert {"secretRef": {"name": "streamfleet-secrets"}} in container["envFrom"]
+    pdb = by_kind(production, "PodDisruptionBudget", "streamfleet-worker")
+    assert pdb["spec"]["selector"] == worker["spec"]["selector"]
+    redis = by_kind(production, "StatefulSet", "redis")
+    args = " ".join(redis["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--appendfsync everysec" in args and "--maxmemory-policy noeviction" in args
+
+
+def test_keda_scales_the_worker_on_metrics_the_fleet_exports(production: list[dict[str, Any]]) -> None:
+    scaled = by_kind(production, "ScaledObject", "streamfleet-worker")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "streamfleet-worker"
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and float(trigger["metadata"]["threshold"]) > 0
+    assert exported(trigger["metadata"]["query"]) == {"streamfleet_queue_depth", "streamfleet_fleet_running_jobs"}
+
+
+def test_hpa_component_is_the_valid_alternative(tmp_path: Path) -> None:
+    overlay = tmp_path / "hpa"
+    overlay.mkdir()
+    base, hpa = (os.path.relpath(ROOT / "k8s" / part, overlay) for part in ("base", "components/hpa"))
+    (overlay / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{hpa}]\n")
+    objects = kustomize(overlay)
+    validate(objects, tmp_path)
+    hpa = by_kind(objects, "HorizontalPodAutoscaler", "streamfleet-worker")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "streamfleet-worker"
+    rules = (ROOT / "k8s" / "components" / "hpa" / "kustomization.yaml").read_text()
+    query = next(line for line in rules.splitlines() if "metricsQuery" in line)
+    assert exported(query) == {"streamfleet_queue_depth", "streamfleet_fleet_running_jobs"}
