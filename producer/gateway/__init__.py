@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 
 import uvicorn
@@ -11,6 +12,8 @@ from shared.errors import ConfigurationError
 from shared.settings import Settings
 
 from .app import create_app
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["create_app", "serve"]
 
@@ -29,6 +32,12 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> N
             f"refusing to bind {host} with no STREAMFLEET_GATEWAY_API_KEYS: anyone could read every job; "
             "set keys, or bind 127.0.0.1"
         )
+    logger.info(
+        "gateway: listening on http://%s:%d (%s)",
+        host,
+        port,
+        "keys required" if settings.gateway_api_keys else "no keys",
+    )
     uvicorn.run(
         create_app(settings),
         host=host,
