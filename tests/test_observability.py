@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from pathlib import Path
@@ -63,6 +64,10 @@ async def test_worker_metrics_probes_and_logs_after_real_jobs(
         assert live.status_code == ready.status_code == 200
         assert ready.json()["ok"] is True and ready.json()["redis_seen_s_ago"] < 5
         assert (await http.get("/nowhere")).status_code == 404
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\n\r\n")  # over asyncio's 64 KiB line limit
+        assert await reader.read() == b""  # closed without an answer, and the server goes on
+        writer.close()
         page = await http.get("/metrics")
     assert page.headers["content-type"].startswith("text/plain")
     metrics = samples(page.text)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,7 +14,7 @@ import httpx
 import pytest
 import trustme
 
-from worker.transport import StreamingTransport
+from worker.transport import PAUSE_BYTES, RELEASE_AFTER_BODY, StreamingTransport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Any]]
 
@@ -183,3 +185,102 @@ async def test_tls_checks_the_certificate_and_streams() -> None:
         async with httpx.AsyncClient(transport=StreamingTransport()) as client:  # default trust: not our CA
             with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 await body_of(client, f"https://localhost:{port}/")
+
+
+async def test_interim_answers_are_skipped_and_upgrades_refused() -> None:
+    async def interim(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    async with httpx.AsyncClient(transport=StreamingTransport()) as client:
+        async with server(interim) as (port, _):
+            assert await body_of(client, f"http://127.0.0.1:{port}/") == (200, b"ok")
+        async with server(upgrade) as (port, _):
+            with pytest.raises(httpx.RemoteProtocolError, match="switched protocols"):
+                await body_of(client, f"http://127.0.0.1:{port}/")
+
+
+async def test_a_reset_ends_a_body_read_to_the_close_in_an_error_not_a_short_result() -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\ndata: a\n\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    async with server(reset) as (port, _), httpx.AsyncClient(transport=StreamingTransport()) as client:
+        with pytest.raises(httpx.RemoteProtocolError, match="closed the connection mid-response"):
+            await body_of(client, f"http://127.0.0.1:{port}/")
+
+
+async def test_a_connection_paused_for_back_pressure_is_never_pooled() -> None:
+    body = b"x" * (PAUSE_BYTES + 64 * 1024)
+
+    async def big_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    async with server(big_answers) as (port, accepted), httpx.AsyncClient(transport=StreamingTransport()) as client:
+        url = f"http://127.0.0.1:{port}/"
+        async with client.stream("POST", url, content=b"{}") as response:
+            await asyncio.sleep(0.2)  # the whole body arrives unread: reading pauses
+        async with asyncio.timeout(5):
+            assert await body_of(client, url) == (200, body)
+        assert len(accepted) == 2
+    assert response.status_code == 200
+
+
+async def test_a_reader_done_at_its_last_event_lets_the_connection_be_reused() -> None:
+    async def sse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(b"%x\r\n%s\r\n" % (len(b"data: [DONE]\n\n"), b"data: [DONE]\n\n"))
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the body's last marker comes a little later
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async def done_then_leave(client: httpx.AsyncClient, url: str, *, release: bool) -> None:
+        async with client.stream("POST", url, content=b"{}") as response:
+            async for data in response.aiter_bytes():
+                assert b"[DONE]" in data
+                if release:
+                    response.extensions[RELEASE_AFTER_BODY]()
+                break
+
+    for release, connections in ((True, 1), (False, 3)):
+        async with server(sse) as (port, accepted), httpx.AsyncClient(transport=StreamingTransport()) as client:
+            for _ in range(3):
+                await done_then_leave(client, f"http://127.0.0.1:{port}/", release=release)
+                await asyncio.sleep(0.15)
+            assert len(accepted) == connections
+
+
+async def test_a_streamed_request_body_goes_out_framed_by_its_length() -> None:
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+
+    async def parts() -> AsyncIterator[bytes]:
+        yield b'{"a": '
+        yield b"1}"
+
+    async with server(handler) as (port, _), httpx.AsyncClient(transport=StreamingTransport()) as client:
+        response = await client.post(f"http://127.0.0.1:{port}/", content=parts())
+    assert response.status_code == 200
+    assert b"transfer-encoding" not in received[0].lower() and received[0].endswith(b'\r\n\r\n{"a": 1}')

@@ -1,12 +1,13 @@
 """The worker's HTTP face on ``--metrics-port``: Prometheus metrics and the probes.
 
     GET /metrics   Prometheus text (``worker.metrics``)
-    GET /livez     200 while the heartbeat keeps running and Redis was reached within LIVE_REDIS_S
+    GET /livez     200 while the heartbeat ends a round, and reaches Redis, at least once a minute
     GET /readyz    200 while Redis was reached within two heartbeats and no shutdown has begun
 
 It is served by the worker's own event loop, so an answer proves the loop turns: a loop blocked by
-a bug never answers, and the probe's timeout catches it. Liveness forgives Redis a minute (restarting
-a worker does not bring Redis back); readiness does not. Written on asyncio streams rather than a
+a bug never answers, and the probe's timeout catches it. Liveness forgives Redis a minute from the
+start or the last contact (restarting a worker does not bring Redis back, and one heartbeat may wait
+a whole socket timeout on a Redis that hangs); readiness does not. Written on asyncio streams rather than a
 web framework: three fixed routes, and nothing that could take over the worker's signal handling.
 """
 
@@ -20,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .runtime import Runtime
 
-LIVE_REDIS_S = 60.0
+LIVE_S = 60.0
 READ_TIMEOUT_S = 5.0
 
 
@@ -47,7 +48,8 @@ class HealthServer:
             "redis_seen_s_ago": round(now - runtime.redis_seen, 3) if runtime.redis_seen else None,
         }
         if path == b"/livez":
-            ok = now - runtime.beat_at < 3 * beat_every + 1 and now - runtime.redis_seen < LIVE_REDIS_S
+            since = max(runtime.started, runtime.redis_seen), max(runtime.started, runtime.beat_at)
+            ok = now - since[0] < LIVE_S and now - since[1] < LIVE_S
         else:
             ok = now - runtime.redis_seen < 2 * beat_every + 1 and not runtime.draining
         return (200 if ok else 503), b"application/json", orjson.dumps({"ok": ok, **state})
@@ -65,16 +67,16 @@ class HealthServer:
                 request_line = await reader.readline()
                 while await reader.readline() not in (b"\r\n", b"\n", b""):
                     pass  # headers: nothing here needs them
-            parts = request_line.split()
-            path = parts[1].split(b"?")[0] if len(parts) == 3 else b""
-            status, content_type, body = self._route(path)
-            reason = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}[status]
-            writer.write(
-                b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-                % (status, reason, content_type, len(body), body)
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
+                parts = request_line.split()
+                path = parts[1].split(b"?")[0] if len(parts) == 3 else b""
+                status, content_type, body = self._route(path)
+                reason = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}[status]
+                writer.write(
+                    b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                    % (status, reason, content_type, len(body), body)
+                )
+                await writer.drain()
+        except (TimeoutError, ConnectionError, ValueError):  # slow, gone, or a line over 64 KiB
             pass
         finally:
             writer.close()

@@ -30,12 +30,10 @@ from shared.transitions import Start
 
 from . import metrics, supervisor
 from .runtime import Runtime
-from .upstream import UpstreamError, UpstreamHTTPError, UpstreamStreamError, UpstreamTimeout, stream_error
+from .upstream import DONE_MARKER, UpstreamError, UpstreamHTTPError, UpstreamStreamError, UpstreamTimeout, stream_error
 from .writer import BACKLOG_LIMIT
 
 logger = logging.getLogger(__name__)
-
-DONE_MARKER = b"[DONE]"
 
 
 async def generate(ctx: dict[str, Any], *, endpoint: str, request: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +28,11 @@ class Runtime:
     writer: StreamWriter
     upstream: Upstream
     supervisor: Supervisor
+    started: float = field(default_factory=time.monotonic)
     redis_seen: float = 0.0
     """When a heartbeat last reached Redis (monotonic): what the health probes judge Redis by."""
     beat_at: float = 0.0
-    """When the heartbeat last ran, reaching Redis or not (monotonic): the sign that the loop turns."""
+    """When the heartbeat last ended a round, reaching Redis or not (monotonic)."""
     draining: bool = False
     """Set at the shutdown signal: the worker takes no more jobs and reports itself not ready."""
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")

@@ -8,9 +8,12 @@ parser and a wake-up of the job's task. The client API stays httpx's (``Upstream
 from the environment (proxied URLs get httpx's own transport).
 
 What it does: http and https (TLS with httpx's default context), keep-alive pooling per origin,
-bodies by Content-Length, chunked, or up to the close, back-pressure (reading pauses while the job
-lags). What it leaves out, since an OpenAI-compatible upstream needs none of it: HTTP/2, upgrades,
-interim 1xx answers, request bodies streamed in parts.
+bodies by Content-Length, chunked, or up to the close (a reset there is an error, not an end),
+interim 1xx answers skipped, back-pressure (reading pauses while the job lags; a paused connection
+is never pooled), and a connection whose reader is done at its last SSE event returns to the pool
+once the body's final marker arrives. What it leaves out, since an OpenAI-compatible upstream needs
+none of it: HTTP/2, protocol upgrades (refused), HEAD requests, request bodies streamed in parts
+(they are sent whole).
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import httptools
 import httpx
 
 PAUSE_BYTES = 256 * 1024  # stop reading the socket while this much is buffered and unread
+LINGER_S = 2.0  # how long a finished reader's connection may take to end its body before it is closed
+RELEASE_AFTER_BODY = "streamfleet.release_after_body"
+"""The response extension a caller that has all it wants (an SSE ``[DONE]``) calls, so the connection
+is kept for the next request once the rest of the body (the last chunk marker) has arrived."""
 Origin = tuple[str, str, int]
 
 
@@ -46,6 +53,7 @@ class _Connection(asyncio.Protocol):
         self.error: Exception | None = None
         self._until_close = False
         self._keep_alive = False
+        self._interim = False
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
 
@@ -57,6 +65,10 @@ class _Connection(asyncio.Protocol):
         self.received = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx.RemoteProtocolError("the upstream switched protocols, which this transport does not do"))
+            self.close()
+            return
         except httptools.HttpParserError as exc:
             self._fail(httpx.RemoteProtocolError(f"the upstream sent invalid HTTP: {exc}"))
             self.close()
@@ -67,8 +79,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._until_close and not self.complete:
-            self.complete = True  # a body without length or chunks ends with the connection
+        if self._until_close and not self.complete and exc is None:
+            self.complete = True  # a body without length or chunks ends with the connection (not a reset)
         elif not self.complete:
             reason = f": {exc}" if exc else ""
             self._fail(httpx.RemoteProtocolError(f"the upstream closed the connection mid-response{reason}"))
@@ -79,6 +91,10 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if 100 <= self.parser.get_status_code() < 200:  # interim (100 Continue, 103 Early Hints): the answer follows
+            self._interim = True
+            self.headers = []
+            return
         self.headers_done = True
         framed = any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self.headers)
         self._until_close = not framed and self.parser.get_status_code() not in (204, 304)
@@ -90,6 +106,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self.complete = True
         self._keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once this callback returns
         self._wake()
@@ -134,7 +153,7 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.complete and not self.closed and not self._until_close and self._keep_alive
+        return self.complete and not self.closed and not self._paused and not self._until_close and self._keep_alive
 
     def close(self) -> None:
         if self.transport is not None:
@@ -146,13 +165,23 @@ class _Body(httpx.AsyncByteStream):
         self._pool = pool
         self._origin = origin
         self._connection = connection
+        self._linger = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while (data := await self._connection.read()) is not None:
             yield data
 
+    def release_after_body(self) -> None:
+        self._linger = True
+
     async def aclose(self) -> None:
-        self._pool._release(self._origin, self._connection)
+        """Pool the connection if its response is over; if the reader said it has all it wants, let the
+        body end in the background first; otherwise (a cancel, an error) close it at once."""
+        connection = self._connection
+        if self._linger and not connection.complete and not connection.closed and connection.error is None:
+            self._pool._settle(self._origin, connection)
+        else:
+            self._pool._release(self._origin, connection)
 
 
 class StreamingTransport(httpx.AsyncBaseTransport):
@@ -163,17 +192,23 @@ class StreamingTransport(httpx.AsyncBaseTransport):
         self._ssl_context = ssl_context
         self._max_idle = max_idle_per_origin
         self._idle: dict[Origin, list[_Connection]] = {}
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         if url.scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"this transport speaks http and https, not {url.scheme!r}")
-        origin: Origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-        body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
+        host = url.raw_host.decode("ascii")  # IDNA-encoded, as DNS and TLS want it
+        origin: Origin = (url.scheme, host, url.port or (443 if url.scheme == "https" else 80))
+        content = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
+        # The body goes out whole, so it is framed by its length, even if httpx planned chunks.
+        headers = [(name, value) for name, value in request.headers.raw if name.lower() != b"transfer-encoding"]
+        if content and not any(name.lower() == b"content-length" for name, _ in headers):
+            headers.append((b"Content-Length", b"%d" % len(content)))
         message = b"".join(
             [request.method.encode(), b" ", url.raw_path, b" HTTP/1.1\r\n"]
-            + [name + b": " + value + b"\r\n" for name, value in request.headers.raw]
-            + [b"\r\n", body]
+            + [name + b": " + value + b"\r\n" for name, value in headers]
+            + [b"\r\n", content]
         )
         connect_timeout = request.extensions.get("timeout", {}).get("connect")
         while True:
@@ -192,11 +227,12 @@ class StreamingTransport(httpx.AsyncBaseTransport):
             except BaseException:
                 connection.close()
                 raise
+            body = _Body(self, origin, connection)
             return httpx.Response(
                 connection.parser.get_status_code(),
                 headers=connection.headers,
-                stream=_Body(self, origin, connection),
-                extensions={"http_version": b"HTTP/1.1"},
+                stream=body,
+                extensions={"http_version": b"HTTP/1.1", RELEASE_AFTER_BODY: body.release_after_body},
             )
 
     def _idle_connection(self, origin: Origin) -> _Connection | None:
@@ -225,6 +261,21 @@ class StreamingTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
         return connection
 
+    def _settle(self, origin: Origin, connection: _Connection) -> None:
+        async def settle() -> None:
+            try:
+                async with asyncio.timeout(LINGER_S):
+                    while await connection.read() is not None:
+                        pass
+            except Exception:
+                connection.close()
+            else:
+                self._release(origin, connection)
+
+        task = asyncio.get_running_loop().create_task(settle())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
     def _release(self, origin: Origin, connection: _Connection) -> None:
         idle = self._idle.setdefault(origin, [])
         if connection.reusable and len(idle) < self._max_idle:
@@ -233,6 +284,8 @@ class StreamingTransport(httpx.AsyncBaseTransport):
             connection.close()
 
     async def aclose(self) -> None:
+        for task in list(self._settling):
+            task.cancel()
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()

@@ -23,9 +23,11 @@ from shared.models import UPSTREAM_PATHS, Error, make_error
 from shared.settings import Settings
 from shared.sse import SSEEvent, SSEParser
 
-from .transport import StreamingTransport
+from .transport import RELEASE_AFTER_BODY, StreamingTransport
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+DONE_MARKER = b"[DONE]"
+"""The data of the Chat Completions stream's last event (Responses streams end without one)."""
 MAX_ERROR_BODY = 64 * 1024
 
 
@@ -184,6 +186,11 @@ async def _events(response: httpx.Response) -> AsyncIterator[SSEEvent]:
     parser = SSEParser()
     async for data in response.aiter_bytes():
         for event in parser.feed(data):
+            if event.data == DONE_MARKER:
+                # The reader stops here; the connection is reused once the body's last marker arrives.
+                release = response.extensions.get(RELEASE_AFTER_BODY)
+                if release is not None:
+                    release()
             yield event
     for event in parser.close():
         yield event
