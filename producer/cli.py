@@ -197,10 +197,36 @@ def cancel(job: Annotated[str, typer.Argument(help="The job id.")]) -> None:
 @app.command()
 def status(
     job: Annotated[str | None, typer.Argument(help="A job id; the fleet's status without.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON even on a terminal (the default elsewhere).")] = False,
 ) -> None:
     """A job's state, or the fleet's: queue depth, live workers with their running jobs, recent failures."""
     state = run(lambda fleet: fleet.status(job))
-    typer.echo(orjson.dumps(state, option=orjson.OPT_INDENT_2).decode())
+    if job is None and not as_json and sys.stdout.isatty():
+        _print_fleet(state)
+    else:
+        typer.echo(orjson.dumps(state, option=orjson.OPT_INDENT_2).decode())
+
+
+def _print_fleet(state: dict[str, Any]) -> None:
+    """The fleet's status as tables, for a person at a terminal."""
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"queued [bold]{state['queued']}[/]   running [bold]{state['running']}[/]")
+    workers = Table("worker", "pid", "up", "running jobs", "entries written", title="live workers")
+    for worker in state["workers"]:
+        running = worker.get("running", [])
+        shown = ", ".join(running[:3]) + (f" (+{len(running) - 3})" if len(running) > 3 else "")
+        up = f"{time.time() - worker.get('started', time.time()):.0f} s"
+        workers.add_row(worker["id"], str(worker.get("pid")), up, shown or "-", str(worker.get("entries_written")))
+    console.print(workers)
+    failures = Table("job", "ago", "type", "message", title="recent failures")
+    for failure in state["recent_failures"]:
+        failures.add_row(failure["id"], f"{time.time() - failure['at']:.0f} s", failure["type"], failure["message"])
+    console.print(failures)
 
 
 @app.command()

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import pty
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +129,24 @@ async def test_status_shows_workers_their_jobs_and_recent_failures(
     assert any(running in worker["running"] for worker in state["workers"])
     failure = next(entry for entry in state["recent_failures"] if entry["id"] == failed)
     assert failure["type"] == "upstream_error" and "400" in failure["message"]
+
+    # At a terminal: tables instead of JSON.
+    primary, secondary = pty.openpty()
+    shown = subprocess.run(
+        [str(Path(sys.executable).parent / "streamfleet"), "status"],
+        env={**os.environ, **fleet_env, "COLUMNS": "250"},
+        stdout=secondary,
+        timeout=30,
+    )
+    os.close(secondary)
+    screen = b""
+    with contextlib.suppress(OSError):  # EIO once the pty has nothing left
+        while chunk := os.read(primary, 65536):
+            screen += chunk
+    os.close(primary)
+    assert shown.returncode == 0
+    text = screen.decode()
+    assert "live workers" in text and "recent failures" in text and failed in text and running in text
     await fleet.cancel(running)
 
 
