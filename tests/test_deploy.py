@@ -33,6 +33,7 @@ from worker import metrics
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
+CUSTOM_KINDS = {"ScaledObject", "PodMonitor"}
 
 
 def run(*args: str | Path, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -59,7 +60,7 @@ def test_compose_runs_a_durable_redis_two_workers_and_health_checks_everywhere()
     services = compose()["services"]
     redis = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis and "--appendfsync everysec" in redis
-    assert "--maxmemory-policy noeviction" in redis
+    assert "--maxmemory-policy noeviction" in redis and "--maxmemory ${STREAMFLEET_REDIS_MAXMEMORY:-1gb}" in redis
     assert services["worker"]["deploy"]["replicas"] >= 2
     grace = int(services["worker"]["stop_grace_period"].rstrip("s"))
     assert grace >= Settings.model_fields["shutdown_grace_seconds"].default + 5
@@ -198,7 +199,7 @@ def production() -> list[dict[str, Any]]:
 def test_production_overlay_is_valid_kubernetes(production: list[dict[str, Any]], tmp_path: Path) -> None:
     kinds = {item["kind"] for item in production}
     assert {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget", "ConfigMap", "ScaledObject"} <= kinds
-    core = [item for item in production if item["kind"] != "ScaledObject"]  # a CRD: checked below
+    core = [item for item in production if item["kind"] not in CUSTOM_KINDS]  # CRDs: checked below
     report = validate(core, tmp_path)
     assert report.count("passed for resource") == len(core)
     assert all(item["metadata"]["namespace"] == "streamfleet" for item in production)
@@ -207,10 +208,32 @@ def test_production_overlay_is_valid_kubernetes(production: list[dict[str, Any]]
     assert run(BIN / "kubernetes-validate", "--strict", secret).returncode == 0
 
 
+def redis_url_from_secret(container: dict[str, Any]) -> bool:
+    """The Redis URL comes from the Secret by name: a Secret without it stops the pod (no fallback)."""
+    return {
+        "name": "STREAMFLEET_REDIS_URL",
+        "valueFrom": {"secretKeyRef": {"name": "streamfleet-secrets", "key": "STREAMFLEET_REDIS_URL"}},
+    } in container.get("env", [])
+
+
+def test_every_pod_meets_the_restricted_pod_security_level(production: list[dict[str, Any]]) -> None:
+    for item in production:
+        if item["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = item["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
 def test_worker_deployment_drains_probes_and_reads_secrets(production: list[dict[str, Any]]) -> None:
     worker = by_kind(production, "Deployment", "streamfleet-worker")
+    assert "replicas" not in worker["spec"]  # the autoscaler's: an apply must not reset it
     pod = worker["spec"]["template"]["spec"]
     container = pod["containers"][0]
+    assert redis_url_from_secret(container)
     assert container["image"].startswith("registry.example.com/streamfleet:")
     assert container["args"][:1] == ["worker"] and "--metrics-port" in container["args"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
@@ -221,7 +244,29 @@ def test_worker_deployment_drains_probes_and_reads_secrets(production: list[dict
     assert pdb["spec"]["selector"] == worker["spec"]["selector"]
     redis = by_kind(production, "StatefulSet", "redis")
     args = " ".join(redis["spec"]["template"]["spec"]["containers"][0]["args"])
-    assert "--appendfsync everysec" in args and "--maxmemory-policy noeviction" in args
+    assert "--appendfsync everysec" in args and "--maxmemory-policy noeviction" in args and "--maxmemory " in args
+    assert by_kind(production, "Service", redis["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+
+
+def test_gateway_liveness_does_not_hang_on_redis(production: list[dict[str, Any]]) -> None:
+    container = by_kind(production, "Deployment", "streamfleet-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert "tcpSocket" in container["livenessProbe"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert redis_url_from_secret(container)
+
+
+def test_prometheus_scrapes_workers_and_gateways_with_a_key(production: list[dict[str, Any]]) -> None:
+    for name, port in (("streamfleet-worker", "metrics"), ("streamfleet-gateway", "http")):
+        monitor = by_kind(production, "PodMonitor", name)
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        pods = by_kind(production, "Deployment", name)["spec"]["template"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= pods["metadata"]["labels"].items()
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        assert (
+            endpoint["port"] in {p["name"] for p in pods["spec"]["containers"][0]["ports"]} and endpoint["port"] == port
+        )
+    gateway = by_kind(production, "PodMonitor", "streamfleet-gateway")["spec"]["podMetricsEndpoints"][0]
+    assert gateway["authorization"]["credentials"] == {"name": "streamfleet-secrets", "key": "STREAMFLEET_METRICS_KEY"}
 
 
 def test_keda_scales_the_worker_on_metrics_the_fleet_exports(production: list[dict[str, Any]]) -> None:
@@ -230,6 +275,8 @@ def test_keda_scales_the_worker_on_metrics_the_fleet_exports(production: list[di
     assert scaled["spec"]["scaleTargetRef"]["name"] == "streamfleet-worker"
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "prometheus" and float(trigger["metadata"]["threshold"]) > 0
+    assert trigger["metadata"]["ignoreNullValues"] == "false"
+    assert trigger["metadata"]["query"].count('{namespace="streamfleet"}') == 2
     assert exported(trigger["metadata"]["query"]) == {"streamfleet_queue_depth", "streamfleet_fleet_running_jobs"}
 
 

@@ -7,7 +7,11 @@ autoscaler can scale on them from any one worker (``max`` over the workers' seri
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+from shared.models import TERMINAL_TYPES
+
+disable_created_metrics()  # no ``_created`` series beside every counter and histogram
 
 JOBS = Counter("streamfleet_jobs_total", "Jobs this worker ended, by outcome (done, error, cancelled)", ["outcome"])
 ATTEMPTS = Counter("streamfleet_attempts_total", "Attempts this worker started (a retried job counts each)")
@@ -38,3 +42,9 @@ OPEN_STREAMS = Gauge("streamfleet_open_streams", "Upstream streams this worker h
 RUNNING_JOBS = Gauge("streamfleet_worker_running_jobs", "Jobs this worker runs now (streaming or between attempts)")
 QUEUE_DEPTH = Gauge("streamfleet_queue_depth", "Jobs waiting for a worker, fleet-wide (read at each heartbeat)")
 FLEET_RUNNING = Gauge("streamfleet_fleet_running_jobs", "Jobs running, fleet-wide (read at each heartbeat)")
+
+# Every label value from the start, so a rate over a series that has not happened yet is 0, not absent.
+for _outcome in TERMINAL_TYPES:
+    JOBS.labels(_outcome)
+for _type in ("upstream_error", "upstream_unreachable", "timeout"):
+    UPSTREAM_ERRORS.labels(_type)
