@@ -7,8 +7,10 @@
 It is served by the worker's own event loop, so an answer proves the loop turns: a loop blocked by
 a bug never answers, and the probe's timeout catches it. Redis reachability is reported by both and
 fails only readiness: a liveness probe tied to Redis would restart the whole fleet whenever Redis
-restarts, and a restart cannot bring Redis back (the heartbeat's rounds end even when Redis fails). Written on asyncio streams rather than a
-web framework: three fixed routes, and nothing that could take over the worker's signal handling.
+restarts, and a restart cannot bring Redis back (the heartbeat's rounds end even when Redis fails).
+
+Written on asyncio streams rather than a web framework: three fixed routes, and nothing that could
+take over the worker's signal handling.
 """
 
 from __future__ import annotations
