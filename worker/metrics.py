@@ -11,7 +11,7 @@ from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from shared.models import TERMINAL_TYPES
 
-disable_created_metrics()  # no ``_created`` series beside every counter and histogram
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no ``_created`` series beside every counter and histogram
 
 JOBS = Counter("streamfleet_jobs_total", "Jobs this worker ended, by outcome (done, error, cancelled)", ["outcome"])
 ATTEMPTS = Counter("streamfleet_attempts_total", "Attempts this worker started (a retried job counts each)")
