@@ -130,14 +130,27 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50": at(0.50), "p99": at(0.99), "max": ordered[-1]}
 
 
-async def wait_all_ended(redis: Redis, job_ids: list[str]) -> None:
-    """Wait until every job has its terminal event, looking only at each one's last entry type (one
-    pipeline a pass): a consumer decoding every delta here would take the CPU being measured."""
-    pending = list(job_ids)
+async def wait_all_ended(redis: Redis, job_ids: list[str]) -> float:
+    """Wait until every job has its terminal event; return when the last one was written (wall clock,
+    seconds: a stream entry's id is Redis's millisecond clock, the machine's ``time.time()``).
+
+    It looks only at each job's last entry (one pipeline a pass, every 0.1 s): a consumer decoding
+    every delta, or polling fast, would take the CPU being measured, and the entry ids make the
+    end time exact whatever the polling interval."""
+    pending, ended_ms = list(job_ids), 0
     while pending:
         async with redis.pipeline(transaction=False) as pipe:
             for job_id in pending:
                 pipe.xrevrange(keys.events(job_id), count=1)
             lasts = await pipe.execute()
-        pending = [job_id for job_id, last in zip(pending, lasts, strict=True) if not is_terminal(last[0][1])]
-        await asyncio.sleep(0.01)
+        still = []
+        for job_id, last in zip(pending, lasts, strict=True):
+            entry_id, fields = last[0]
+            if is_terminal(fields):
+                ended_ms = max(ended_ms, int(entry_id.split(b"-")[0]))
+            else:
+                still.append(job_id)
+        pending = still
+        if pending:
+            await asyncio.sleep(0.1)
+    return ended_ms / 1000

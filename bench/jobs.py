@@ -23,7 +23,7 @@ SHORT = {"tokens": 10, "tps": 10_000, "ttft_ms": 0}
 
 async def _run(url: str) -> float:
     async with FleetClient(Settings(redis_url=url)) as fleet:
-        started = time.perf_counter()
+        started = time.time()
         ids = await asyncio.gather(
             *(
                 fleet.submit(
@@ -36,8 +36,7 @@ async def _run(url: str) -> float:
                 for i in range(JOBS)
             )
         )
-        await wait_all_ended(fleet.redis, ids)
-        return JOBS / (time.perf_counter() - started)
+        return JOBS / (await wait_all_ended(fleet.redis, ids) - started)
 
 
 def _measure(workers: int) -> float:

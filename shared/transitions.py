@@ -154,6 +154,24 @@ redis.call('ZADD', KEYS[3], 'NX', redis.call('TIME')[1] * 1000, ARGV[1])
 return 1
 """
 
+# KEYS: arq queue, then each job's arq in-progress key. ARGV: in-progress ms, then the job ids.
+# arq's own claim, for a batch in one call: a job is taken if it is due and no worker holds it.
+# Returns id, score pairs of the jobs taken.
+_CLAIM = """
+local now = redis.call('TIME')
+now = now[1] * 1000 + math.floor(now[2] / 1000)
+local taken = {}
+for i = 2, #KEYS do
+  local id = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], id)
+  if score and tonumber(score) <= now and redis.call('SET', KEYS[i], '1', 'PX', ARGV[1], 'NX') then
+    taken[#taken + 1] = id
+    taken[#taken + 1] = score
+  end
+end
+return taken
+"""
+
 # KEYS: running. ARGV: how many. The jobs whose lease has lapsed.
 _LAPSED = (
     _LAST_TYPE
@@ -224,6 +242,7 @@ class JobStream:
         self._renew = redis.register_script(_RENEW)
         self._lapsed = redis.register_script(_LAPSED)
         self._hand_back = redis.register_script(_HAND_BACK)
+        self._claim = redis.register_script(_CLAIM)
 
     async def submit(
         self,
@@ -300,6 +319,14 @@ class JobStream:
             args=[type, jsonutil.dumps(data), self.ttl_seconds, started_id or "", job_id, failure, keys.FAILURES_KEPT],
         )
         return _text(result) if result else None
+
+    async def claim(self, job_ids: list[str], *, in_progress_ms: int) -> list[tuple[str, int]]:
+        """Take the due jobs among ``job_ids`` from arq's queue for this worker, as arq's own claim
+        does one job at a time (WATCH, EXISTS, ZSCORE, MULTI): ``(job id, score)`` of those taken."""
+        reply = await self._claim(
+            keys=[keys.QUEUE, *(keys.arq_in_progress(job_id) for job_id in job_ids)], args=[in_progress_ms, *job_ids]
+        )
+        return [(_text(job_id), int(float(score))) for job_id, score in zip(reply[::2], reply[1::2], strict=True)]
 
     async def renew(self, job_ids: list[str], *, lease_ms: int) -> None:
         """Renew the leases of the jobs this worker runs."""

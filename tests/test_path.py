@@ -223,3 +223,17 @@ async def test_the_upstream_key_reaches_no_redis_value_and_no_log(
     logged = log.read_bytes()
     assert job_id.encode() in logged and b"done" in logged
     assert secret not in logged and b"secret?" not in logged  # neither the key nor the request body
+
+
+async def test_workers_claiming_one_burst_run_each_job_once(fleet: FleetClient, start_worker: WorkerFactory) -> None:
+    """Two workers take batches from the same queue at once: every job runs exactly one attempt."""
+    start_worker("--concurrency", "40")
+    start_worker("--concurrency", "40")
+    ids = await asyncio.gather(*(fleet.submit(chat(f"burst {i}", tokens=5, tps=1000)) for i in range(150)))
+    for job_id in ids:
+        assert (await fleet.wait(job_id, timeout=60)).type == DONE
+    for job_id in ids:
+        entries = await fleet.redis.xrange(keys.events(job_id))
+        types = [fields[b"t"] for _, fields in entries]
+        assert types.count(STARTED.encode()) == 1, (job_id, types)
+        assert b"retry" not in types

@@ -69,6 +69,21 @@ class FleetWorker(Worker):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.runtime.settings.poll_delay_seconds)
 
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Claim the batch in one script call (``JobStream.claim``) and start what was taken; arq
+        claims one job at a time, four round trips each, and two workers collide on every job."""
+        free = self.max_jobs - self.job_counter
+        if free <= 0 or not job_ids:
+            return
+        wanted = [job_id.decode() for job_id in job_ids[:free]]
+        taken = await self.runtime.jobs.claim(wanted, in_progress_ms=int(self.in_progress_timeout_s * 1000))
+        for job_id, score in taken:
+            await self.sem.acquire()  # arq's own bookkeeping of running jobs, as in its start_jobs
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job_id, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
     def handle_sig_wait_for_completion(self, signum: Signals) -> None:
         self.runtime.draining = True  # not ready from now on (the probes)
         super().handle_sig_wait_for_completion(signum)
