@@ -2,6 +2,9 @@
 itself takes (a direct httpx request to the same simulator, in the same run).
 
 Baseline: the same fleet with arq's own pickup (no wake-up on submit, arq's default 0.5 s poll).
+Jobs come one at a time with a pause of 10-90 ms after each one ends, as independent arrivals do: a
+submit right on the heels of the previous job's end would be picked up by the poll that a finished
+job triggers, and measure that instead of the pickup.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ async def _fleet(url: str) -> list[float]:
             if i >= 3:  # the first jobs open connections and load scripts
                 samples.append((time.perf_counter() - started) * 1000)
             await fleet.wait(job_id, timeout=10)
+            await asyncio.sleep(0.01 + 0.02 * (i % 5))
     return samples
 
 
