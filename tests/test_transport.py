@@ -284,3 +284,21 @@ async def test_a_streamed_request_body_goes_out_framed_by_its_length() -> None:
         response = await client.post(f"http://127.0.0.1:{port}/", content=parts())
     assert response.status_code == 200
     assert b"transfer-encoding" not in received[0].lower() and received[0].endswith(b'\r\n\r\n{"a": 1}')
+
+
+async def test_a_connection_idle_past_its_expiry_is_not_reused() -> None:
+    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    transport = StreamingTransport(keepalive_expiry=0.2)
+    async with server(answers) as (port, accepted), httpx.AsyncClient(transport=transport) as client:
+        url = f"http://127.0.0.1:{port}/"
+        assert await body_of(client, url) == (200, b"ok")
+        assert await body_of(client, url) == (200, b"ok")  # at once: the same connection
+        assert len(accepted) == 1
+        await asyncio.sleep(0.3)  # past the expiry: a load balancer may have dropped it silently
+        assert await body_of(client, url) == (200, b"ok")
+        assert len(accepted) == 2

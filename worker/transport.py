@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -40,6 +41,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self.reset()
@@ -186,11 +188,21 @@ class _Body(httpx.AsyncByteStream):
 
 class StreamingTransport(httpx.AsyncBaseTransport):
     """:param ssl_context: for https origins; httpx's default (certifi, hostname checks) when None.
-    :param max_idle_per_origin: keep-alive connections kept per origin between requests."""
+    :param max_idle_per_origin: keep-alive connections kept per origin between requests.
+    :param keepalive_expiry: seconds an idle connection may wait for reuse (httpx's default, 5):
+        load balancers and NATs drop idle connections without a word, and a request sent on one of
+        those would wait for the first-byte timeout."""
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_idle_per_origin: int = 100) -> None:
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_idle_per_origin: int = 100,
+        keepalive_expiry: float = 5.0,
+    ) -> None:
         self._ssl_context = ssl_context
         self._max_idle = max_idle_per_origin
+        self._expiry = keepalive_expiry
         self._idle: dict[Origin, list[_Connection]] = {}
         self._settling: set[asyncio.Task[None]] = set()
 
@@ -237,11 +249,19 @@ class StreamingTransport(httpx.AsyncBaseTransport):
 
     def _idle_connection(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
+        fresh_since = time.monotonic() - self._expiry
         while idle:
-            connection = idle.pop()
-            if not connection.closed:
-                connection.reset()
-                return connection
+            connection = idle.pop()  # the most recently used first
+            if connection.closed:
+                continue
+            if connection.idle_since < fresh_since:
+                connection.close()  # and every older one below it
+                for stale in idle:
+                    stale.close()
+                idle.clear()
+                return None
+            connection.reset()
+            return connection
         return None
 
     async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
@@ -279,6 +299,7 @@ class StreamingTransport(httpx.AsyncBaseTransport):
     def _release(self, origin: Origin, connection: _Connection) -> None:
         idle = self._idle.setdefault(origin, [])
         if connection.reusable and len(idle) < self._max_idle:
+            connection.idle_since = time.monotonic()
             idle.append(connection)
         else:
             connection.close()
