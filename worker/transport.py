@@ -212,7 +212,10 @@ class StreamingTransport(httpx.AsyncBaseTransport):
             raise httpx.UnsupportedProtocol(f"this transport speaks http and https, not {url.scheme!r}")
         host = url.raw_host.decode("ascii")  # IDNA-encoded, as DNS and TLS want it
         origin: Origin = (url.scheme, host, url.port or (443 if url.scheme == "https" else 80))
-        content = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
+        try:
+            content = request.content  # a body given as bytes is already read
+        except httpx.RequestNotRead:
+            content = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
         # The body goes out whole, so it is framed by its length, even if httpx planned chunks.
         headers = [(name, value) for name, value in request.headers.raw if name.lower() != b"transfer-encoding"]
         if content and not any(name.lower() == b"content-length" for name, _ in headers):
