@@ -6,6 +6,7 @@ import asyncio
 import socket
 import ssl
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -302,3 +303,50 @@ async def test_a_connection_idle_past_its_expiry_is_not_reused() -> None:
         await asyncio.sleep(0.3)  # past the expiry: a load balancer may have dropped it silently
         assert await body_of(client, url) == (200, b"ok")
         assert len(accepted) == 2
+
+
+class _Addresses(StreamingTransport):
+    """Resolves every host to the addresses given: which of them answers is up to the test."""
+
+    def __init__(self, addresses: list[str], **options: Any) -> None:
+        super().__init__(**options)
+        self._given = addresses
+
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        return self._given
+
+
+async def test_an_address_that_swallows_packets_costs_a_quarter_second_not_the_connect_timeout() -> None:
+    """Happy eyeballs: the first address is a listener whose accept queue is full (the kernel drops
+    further SYNs, as a broken route does); the second answers."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with server(answer) as (port, _):
+        full = socket.socket()
+        full.bind(("127.0.0.2", port))
+        full.listen(0)
+        queued = []
+        for _ in range(3):  # fill the accept queue; then SYNs go unanswered
+            waiting = socket.socket()
+            waiting.setblocking(False)
+            waiting.connect_ex(("127.0.0.2", port))
+            queued.append(waiting)
+        await asyncio.sleep(0.1)
+        try:
+            transport = _Addresses(["127.0.0.2", "127.0.0.1"])
+            async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5)) as client:
+                started = time.monotonic()
+                assert await body_of(client, f"http://example.invalid:{port}/") == (200, b"ok")
+                assert time.monotonic() - started < 2  # not the 5 s connect timeout
+            with pytest.raises(httpx.ConnectTimeout):
+                only_blackhole = _Addresses(["127.0.0.2"])
+                async with httpx.AsyncClient(transport=only_blackhole, timeout=httpx.Timeout(0.5)) as client:
+                    await body_of(client, f"http://example.invalid:{port}/")
+        finally:
+            for waiting in queued:
+                waiting.close()
+            full.close()

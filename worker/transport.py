@@ -19,8 +19,12 @@ none of it: HTTP/2, protocol upgrades (refused), HEAD requests, request bodies s
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
+import socket
 import ssl
 import time
+from asyncio.staggered import staggered_race
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -28,6 +32,7 @@ import httptools
 import httpx
 
 PAUSE_BYTES = 256 * 1024  # stop reading the socket while this much is buffered and unread
+HAPPY_EYEBALLS_S = 0.25  # RFC 8305's connection attempt delay
 LINGER_S = 2.0  # how long a finished reader's connection may take to end its body before it is closed
 RELEASE_AFTER_BODY = "streamfleet.release_after_body"
 """The response extension a caller that has all it wants (an SSE ``[DONE]``) calls, so the connection
@@ -267,22 +272,53 @@ class StreamingTransport(httpx.AsyncBaseTransport):
             return connection
         return None
 
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        """The host's addresses, families interleaved (RFC 8305: IPv6, IPv4, IPv6, ...)."""
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        by_family: dict[int, list[str]] = {}
+        for family, _, _, _, address in infos:
+            if address[0] not in by_family.setdefault(family, []):
+                by_family[family].append(str(address[0]))
+        columns = list(by_family.values())
+        return [address for row in itertools.zip_longest(*columns) for address in row if address is not None]
+
     async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
+        """Connect, racing the host's addresses a little apart (happy eyeballs, as httpx's own
+        transport does): an address that swallows packets (a broken IPv6 route) costs
+        ``HAPPY_EYEBALLS_S``, not the whole connect timeout. uvloop has no such option of its own."""
         scheme, host, port = origin
         tls = None
         if scheme == "https":
             tls = self._ssl_context = self._ssl_context or httpx.create_ssl_context()
         loop = asyncio.get_running_loop()
+        made: list[_Connection] = []
+        winner: _Connection | None = None
+
+        async def attempt(address: str) -> _Connection:
+            _, connection = await loop.create_connection(
+                _Connection, address, port, ssl=tls, server_hostname=host if tls else None
+            )
+            made.append(connection)
+            return connection
+
         try:
             async with asyncio.timeout(timeout):
-                _, connection = await loop.create_connection(
-                    _Connection, host, port, ssl=tls, server_hostname=host if tls else None
-                )
+                addresses = await self._addresses(host, port)
+                attempts = [functools.partial(attempt, address) for address in addresses]
+                winner, _, errors = await staggered_race(attempts, HAPPY_EYEBALLS_S)
+                assert winner is None or isinstance(winner, _Connection)
         except TimeoutError as exc:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
-        except OSError as exc:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
+        except OSError as exc:  # DNS
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
-        return connection
+        finally:
+            for connection in made:
+                if connection is not winner:
+                    connection.close()  # a loser that connected as the winner did
+        if winner is None:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
+            error = next((error for error in reversed(errors) if error is not None), None)
+            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {error}") from error
+        return winner
 
     def _settle(self, origin: Origin, connection: _Connection) -> None:
         async def settle() -> None:
