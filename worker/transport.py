@@ -8,12 +8,13 @@ parser and a wake-up of the job's task. The client API stays httpx's (``Upstream
 from the environment (proxied URLs get httpx's own transport).
 
 What it does: http and https (TLS with httpx's default context), happy eyeballs across the host's
-addresses, keep-alive pooling per origin (idle connections expire after 5 s), bodies by Content-Length, chunked, or up to the close (a reset there is an error, not an end),
-interim 1xx answers skipped, back-pressure (reading pauses while the job lags; a paused connection
-is never pooled), and a connection whose reader is done at its last SSE event returns to the pool
-once the body's final marker arrives. What it leaves out, since an OpenAI-compatible upstream needs
-none of it: HTTP/2, protocol upgrades (refused), HEAD requests, request bodies streamed in parts
-(they are sent whole).
+addresses, keep-alive pooling per origin (idle connections expire after 5 s), bodies by
+Content-Length, chunked, or up to the close (a reset there is an error, not an end), interim 1xx
+answers skipped, back-pressure (reading pauses while the job lags; a paused connection is never
+pooled), and a connection whose reader is done at its last SSE event returns to the pool once the
+body's final marker arrives. What it leaves out, since an OpenAI-compatible upstream needs none of
+it: HTTP/2, protocol upgrades (refused), HEAD requests, request bodies streamed in parts (they are
+sent whole).
 """
 
 from __future__ import annotations
