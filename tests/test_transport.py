@@ -15,7 +15,9 @@ import httpx
 import pytest
 import trustme
 
+from shared.settings import Settings
 from worker.transport import PAUSE_BYTES, RELEASE_AFTER_BODY, StreamingTransport
+from worker.upstream import Upstream, UpstreamUnreachable
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Any]]
 
@@ -350,3 +352,34 @@ async def test_an_address_that_swallows_packets_costs_a_quarter_second_not_the_c
             for waiting in queued:
                 waiting.close()
             full.close()
+
+
+async def test_an_upstream_behind_an_environment_proxy_is_reached_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx ignores HTTP(S)_PROXY when given a transport: the worker then uses httpx's own."""
+    request_lines: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        request_lines.append(request.split(b"\r\n", 1)[0])
+        event = b'data: {"choices":[{"index":0,"delta":{"content":"via proxy"}}]}\n\n'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(chunked(event, b"data: [DONE]\n\n"))
+        await writer.drain()
+
+    settings = Settings(upstream_base_url="http://upstream.invalid:9/v1", redis_url="redis://127.0.0.1:1")
+    request = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with server(proxy) as (port, _):
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+        upstream = Upstream(settings)
+        async with upstream.open("chat.completions", request) as events:
+            received = [event.data async for event in events]
+        assert received[0].endswith(b'"via proxy"}}]}') and received[-1] == b"[DONE]"
+        await upstream.aclose()
+        assert request_lines == [b"POST http://upstream.invalid:9/v1/chat/completions HTTP/1.1"]
+
+        monkeypatch.setenv("NO_PROXY", "upstream.invalid")  # bypassed: straight to a host that does not exist
+        upstream = Upstream(settings)
+        with pytest.raises(UpstreamUnreachable):
+            async with upstream.open("chat.completions", request):
+                pass
+        await upstream.aclose()

@@ -4,8 +4,9 @@ Every upstream token is one small socket read, thousands a second per worker pro
 read path the fleet's hottest loop. httpx's default transport (httpcore + h11, pure Python, a stack of
 async layers per read) spent 40-50 µs on each; here a read is one ``data_received`` call, llhttp's C
 parser and a wake-up of the job's task. The client API stays httpx's (``Upstream`` builds an
-``httpx.AsyncClient`` on this), and httpx still applies base URL, headers, content decoding and proxies
-from the environment (proxied URLs get httpx's own transport).
+``httpx.AsyncClient`` on this), and httpx still applies base URL, headers and content decoding. An
+upstream reached through a proxy from the environment gets httpx's own transport instead
+(``Upstream._transport_for``): httpx ignores environment proxies when given a transport.
 
 What it does: http and https (TLS with httpx's default context), happy eyeballs across the host's
 addresses, keep-alive pooling per origin (idle connections expire after 5 s), bodies by

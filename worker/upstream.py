@@ -12,6 +12,8 @@ Errors are sorted where behaviour splits:
 
 from __future__ import annotations
 
+import logging
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,6 +26,8 @@ from shared.settings import Settings
 from shared.sse import SSEEvent, SSEParser
 
 from .transport import RELEASE_AFTER_BODY, StreamingTransport
+
+logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 DONE_MARKER = b"[DONE]"
@@ -142,8 +146,21 @@ class Upstream:
                 pool=None,
             ),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=settings.concurrency),
-            transport=transport or StreamingTransport(max_idle_per_origin=settings.concurrency),
+            transport=transport or self._transport_for(settings),
         )
+
+    @staticmethod
+    def _transport_for(settings: Settings) -> httpx.AsyncBaseTransport | None:
+        """The lean transport, unless the environment routes the upstream through a proxy
+        (HTTP(S)_PROXY / ALL_PROXY, minus NO_PROXY): then httpx's own, which speaks to proxies (``None``
+        keeps httpx's default, environment proxies included)."""
+        url = httpx.URL(settings.upstream_base_url)
+        proxies = urllib.request.getproxies_environment()
+        bypass = urllib.request.proxy_bypass_environment(url.host)  # type: ignore[attr-defined]
+        if (proxies.get(url.scheme) or proxies.get("all")) and not bypass:
+            logger.info("upstream %s goes through a proxy: httpx's own transport", url.host)
+            return None
+        return StreamingTransport(max_idle_per_origin=settings.concurrency)
 
     async def aclose(self) -> None:
         await self._client.aclose()
