@@ -92,7 +92,6 @@ class Job:
         watch = runtime.supervisor.watch(self.job_id, task)
         began = time.monotonic()
         delay = 0.0
-        metrics.RUNNING_JOBS.inc()
         try:
             while True:
                 try:
@@ -137,7 +136,6 @@ class Job:
         except Fenced:
             self.log(logging.WARNING, "attempt fenced off by a newer attempt or the job's end", event="fenced")
         finally:
-            metrics.RUNNING_JOBS.dec()
             runtime.supervisor.release(self.job_id)
             runtime.writer.fenced.discard(self.stream)
 

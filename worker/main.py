@@ -24,7 +24,7 @@ from shared import connection, keys, queue
 from shared.models import ERROR, make_error
 from shared.settings import Settings
 
-from . import heartbeat
+from . import heartbeat, metrics
 from .health import HealthServer
 from .job import generate
 from .runtime import Runtime
@@ -160,6 +160,8 @@ async def serve(
     worker = build_worker(runtime, redis, concurrency=concurrency or settings.concurrency, burst=burst)
     await _check_eviction_policy(redis)
     runtime.supervisor.start()
+    # Read at scrape time from the supervisor, the same list the heartbeat reports to `status`.
+    metrics.RUNNING_JOBS.set_function(lambda: len(runtime.supervisor.running))
     beating = asyncio.create_task(heartbeat.beat(runtime))
     health = HealthServer(runtime)
     if metrics_port is not None:
