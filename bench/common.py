@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
-from shared import keys
-from shared.jobstream import is_terminal
 from shared.ports import free_port
+from shared.store import StreamStore
+from shared.store.codec import is_terminal
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench-results"
 
@@ -130,7 +129,7 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50": at(0.50), "p99": at(0.99), "max": ordered[-1]}
 
 
-async def wait_all_ended(redis: Redis, job_ids: list[str]) -> float:
+async def wait_all_ended(streams: StreamStore, job_ids: list[str]) -> float:
     """Wait until every job has its terminal event; return when the last one was written (wall clock,
     seconds: a stream entry's id is Redis's millisecond clock, the machine's ``time.time()``).
 
@@ -139,13 +138,10 @@ async def wait_all_ended(redis: Redis, job_ids: list[str]) -> float:
     end time exact whatever the polling interval."""
     pending, ended_ms = list(job_ids), 0
     while pending:
-        async with redis.pipeline(transaction=False) as pipe:
-            for job_id in pending:
-                pipe.xrevrange(keys.events(job_id), count=1)
-            lasts = await pipe.execute()
         still = []
-        for job_id, last in zip(pending, lasts, strict=True):
-            entry_id, fields = last[0]
+        for job_id, last in zip(pending, await streams.last_entries(pending), strict=True):
+            assert last is not None, f"job {job_id} has no stream"
+            entry_id, fields = last
             if is_terminal(fields):
                 ended_ms = max(ended_ms, int(entry_id.split(b"-")[0]))
             else:

@@ -36,7 +36,7 @@ async def _run(url: str) -> float:
                 for i in range(JOBS)
             )
         )
-        return JOBS / (await wait_all_ended(fleet.redis, ids) - started)
+        return JOBS / (await wait_all_ended(fleet.stores.streams, ids) - started)
 
 
 def _measure(workers: int) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from shared import connection, jobstream
+from shared.store import codec, connect
 
 from .common import redis_server, text_chunks
 
@@ -17,12 +17,12 @@ DELTAS = 2000
 
 
 async def _measure(url: str, chunks: list[bytes]) -> dict[str, float]:
-    redis = connection.connect(url)
+    redis = connect.connect(url)
     try:
         await redis.flushdb()
-        encoder = jobstream.DeltaEncoder(1, "1763474589000-1")
+        encoder = codec.DeltaEncoder("bench", 1, "1763474589000-1")
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.xadd("compact", jobstream.encode("started", {"attempt": 1}), id="1763474589000-1")  # type: ignore[arg-type]
+            pipe.xadd("compact", codec.encode("started", {"attempt": 1}), id="1763474589000-1")  # type: ignore[arg-type]
             for raw in chunks:
                 entry_id, fields = encoder.delta(raw)
                 pipe.xadd("compact", fields, id=entry_id)  # type: ignore[arg-type]

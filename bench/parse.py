@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
-from shared import jobstream
 from shared.accumulate import ChatAccumulator
 from shared.sse import SSEParser
+from shared.store import codec
 
 from .common import text_chunks
 
@@ -35,7 +35,7 @@ def _reads(body: bytes) -> list[bytes]:
 def _fleet(reads: list[bytes]) -> int:
     parser = SSEParser()
     accumulator = ChatAccumulator()
-    encoder = jobstream.DeltaEncoder(1, "1-0")
+    encoder = codec.DeltaEncoder("bench", 1, "1-0")
     count = 0
     for read in reads:
         for event in parser.feed(read):

@@ -75,7 +75,7 @@ async def _direct(base: str, streams: int, tps: int, tokens: int) -> list[float]
 async def _fleet(url: str, worker_pid: int, streams: int, tps: int, tokens: int) -> tuple[list[float], float]:
     samples: list[float] = []
     async with FleetClient(Settings(redis_url=url)) as fleet:
-        fanout = FanOut(fleet.redis)
+        fanout = FanOut(fleet.stores.streams)
         fanout.start()
         idle_rss = _rss_kb(worker_pid)
         ids = [await fleet.submit(_request(i, tps, tokens, START_MS)) for i in range(streams)]

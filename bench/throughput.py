@@ -20,7 +20,6 @@ from typing import Any
 import orjson
 
 from producer import FleetClient
-from shared import keys
 from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 
@@ -41,8 +40,8 @@ async def _fleet(url: str, recording: str) -> tuple[float, int]:
         request = {"model": "bench", "simulator": {"replay": recording}}
         started = time.time()
         ids = [await fleet.submit({**request, "messages": [{"role": "user", "content": str(i)}]}) for i in range(JOBS)]
-        elapsed = await wait_all_ended(fleet.redis, ids) - started
-        stored = sum([await fleet.redis.xlen(keys.events(job_id)) for job_id in ids])
+        elapsed = await wait_all_ended(fleet.stores.streams, ids) - started
+        stored = sum([await fleet.stores.streams.length(job_id) for job_id in ids])
     return elapsed, stored - 3 * JOBS  # queued, started, done
 
 

@@ -18,25 +18,20 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from shared import connection, jsonutil, keys, queue
+from shared import jsonutil
 from shared.errors import InvalidRequest, JobCancelled, JobFailed, StreamfleetError, UnknownJob
-from shared.jobstream import StreamDecoder, parse_cursor, parse_id
-from shared.models import CANCELLED, DELTA, DONE, ERROR, QUEUED, RETRY, Event, Result, validate_request
+from shared.models import CANCELLED, DELTA, DONE, ERROR, QUEUED, RETRY, Event, Result, queued_data, validate_request
 from shared.settings import Settings
-from shared.transitions import JobStream
+from shared.store import Entry, Stores, Unavailable, open_stores, parse_cursor, parse_id, queue, stream_ttl_while_queued
+from shared.store.connect import BLOCK_MS
 
 logger = logging.getLogger(__name__)
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-IDEMPOTENCY_TTL_SECONDS = 86_400
 READ_COUNT = 1000
 
 
-def status_of(last: Event) -> str:
+def status_of(last: Entry | Event) -> str:
     """A job's status from its last event."""
     if last.terminal:
         return last.type
@@ -48,7 +43,7 @@ class FleetClient:
 
     :param settings: the fleet's settings; read from the environment when omitted.
     :param name: the name its Redis connections carry (``CLIENT LIST``).
-    :param max_connections: bound the connection pool (commands wait for a free connection).
+    :param max_connections: bound each connection pool (commands wait for a free connection).
     :param overrides: settings fields to override, e.g. ``redis_url="redis://..."``.
     """
 
@@ -67,8 +62,7 @@ class FleetClient:
         elif overrides:
             settings = settings.model_copy(update=overrides)
         self.settings = settings
-        self._redis: Redis | None = None
-        self._jobs: JobStream | None = None
+        self._stores: Stores | None = None
 
     async def __aenter__(self) -> FleetClient:
         await self.connect()
@@ -80,29 +74,21 @@ class FleetClient:
         await self.aclose()
 
     async def connect(self) -> None:
-        """Open the Redis connection pool (starting the embedded server if that is the setting)."""
-        if self._redis is None:
-            url = await asyncio.to_thread(connection.resolve_url, self.settings)
-            self._redis = connection.connect(url, name=self.name, max_connections=self.max_connections)
-            self._jobs = JobStream(self._redis, ttl_seconds=self.settings.stream_ttl_seconds)
+        """Open the connection pools (starting the embedded server if that is the setting)."""
+        if self._stores is None:
+            self._stores = await open_stores(self.settings, name=self.name, max_connections=self.max_connections)
 
     async def aclose(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
-            self._jobs = None
+        if self._stores is not None:
+            await self._stores.aclose()
+            self._stores = None
 
     @property
-    def redis(self) -> Redis:
-        if self._redis is None:
+    def stores(self) -> Stores:
+        """The queue and the stream store (``shared.store``)."""
+        if self._stores is None:
             raise StreamfleetError("the client is not connected: use 'async with FleetClient() as fleet'")
-        return self._redis
-
-    @property
-    def jobs(self) -> JobStream:
-        if self._jobs is None:
-            raise StreamfleetError("the client is not connected: use 'async with FleetClient() as fleet'")
-        return self._jobs
+        return self._stores
 
     async def submit(
         self,
@@ -113,6 +99,9 @@ class FleetClient:
         tenant: str | None = None,
     ) -> str:
         """Queue a generation; return its job id. Raises ``InvalidRequest`` before queuing anything.
+
+        Two steps (``shared.store``): the job is queued, then its stream is opened; a crash between
+        them loses nothing (a worker opens the stream when it starts the job).
 
         :param request: the OpenAI request body; fields the fleet does not know pass through.
         :param endpoint: ``"chat.completions"`` or ``"responses"``.
@@ -128,37 +117,40 @@ class FleetClient:
             )
         if idempotency_key is not None and not (0 < len(idempotency_key) <= 256):
             raise InvalidRequest("an idempotency key must be 1 to 256 characters")
+        stores = self.stores
         job_id = "job_" + uuid.uuid4().hex
         now_ms = int(time.time() * 1000)
-        queued = {"job_id": job_id, "endpoint": endpoint, "model": request["model"]}
-        submitted = await self.jobs.submit(
+        job_id, live = await stores.queue.enqueue(
             job_id,
-            queued,
-            queue.payload(endpoint=endpoint, request=request, enqueue_time_ms=now_ms),
-            arq_ttl_ms=queue.QUEUE_TTL_SECONDS * 1000,
+            queue.payload(endpoint=endpoint, request=request, tenant=tenant, enqueue_time_ms=now_ms),
             score_ms=now_ms,
-            queue_ttl_seconds=queue.QUEUE_TTL_SECONDS + int(self.settings.job_deadline_seconds) * 2,
             idempotency_key=f"{tenant}:{idempotency_key}" if tenant and idempotency_key else idempotency_key,
-            idempotency_ttl_seconds=IDEMPOTENCY_TTL_SECONDS,
-            tenant=tenant,
         )
-        logger.info("job %s: queued (%s)", submitted, endpoint)
-        return submitted
+        if live:  # a job arq has let go of has ended: its stream is there, or has expired
+            await stores.streams.create(
+                job_id,
+                queued_data(job_id, endpoint, request),
+                tenant=tenant,
+                ttl_seconds=stream_ttl_while_queued(self.settings),
+            )
+        logger.info("job %s: queued (%s)", job_id, endpoint)
+        return job_id
 
     async def tenant_of(self, job_id: str) -> str | None:
         """The tenant that submitted the job through the gateway, if any."""
-        tenant = await self.redis.get(keys.tenant(job_id))
-        return tenant.decode() if tenant else None
+        return await self.stores.streams.tenant(job_id)
 
     async def last_event(self, job_id: str) -> Event:
         """The job's most recent event; raises ``UnknownJob``."""
+        return (await self._last(job_id)).event()
+
+    async def _last(self, job_id: str) -> Entry:
         if not _JOB_ID.match(job_id):
             raise UnknownJob(job_id)
-        stream = keys.events(job_id)
-        entries = await self.redis.xrevrange(stream, count=1)
-        if not entries:
+        last = await self.stores.streams.last(job_id)
+        if last is None:
             raise UnknownJob(job_id)
-        return (await StreamDecoder(self.redis, stream).decode(entries))[0]
+        return last
 
     async def tail(self, job_id: str, *, after: str = "0") -> AsyncIterator[Event]:
         """Yield the job's events after ``after`` (from the start by default), live, until the
@@ -177,31 +169,30 @@ class FleetClient:
 
     async def _follow(self, job_id: str, after: str) -> AsyncIterator[Event]:
         """``tail`` past its checks: read after ``after``, live, until the terminal event."""
-        stream = keys.events(job_id)
-        decoder = StreamDecoder(self.redis, stream)
+        streams = self.stores.streams
+        reader = streams.reader(job_id)
         cursor = after
         delay = 0.05
         while True:
             try:
-                response = await self.redis.xread({stream: cursor}, count=READ_COUNT, block=connection.BLOCK_MS)
-                events = await decoder.decode(response[0][1]) if response else []
-            except (RedisConnectionError, RedisTimeoutError) as exc:
+                entries = await reader.decode(await streams.read(job_id, cursor, count=READ_COUNT, block_ms=BLOCK_MS))
+                if not entries and not await streams.exists(job_id):
+                    raise UnknownJob(job_id)
+            except Unavailable as exc:
                 logger.warning("tail %s: Redis connection lost (%s); retrying in %.2fs", job_id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
             delay = 0.05
-            if not events and not await self.redis.exists(stream):
-                raise UnknownJob(job_id)
             # Deltas of an attempt whose `retry` is already in hand are void: a reader catching up
             # never sees them. A live reader got them before the retry, which tells it to drop them.
-            void = {event.data["attempt"] for event in events if event.type == RETRY}
-            for event in events:
-                cursor = event.id
-                if void and event.type == DELTA and event.data["attempt"] in void:
+            void = {entry.data["attempt"] for entry in entries if entry.type == RETRY}
+            for entry in entries:
+                cursor = entry.id
+                if void and entry.type == DELTA and entry.attempt in void:
                     continue
-                yield event
-                if event.terminal:
+                yield entry.event()
+                if entry.terminal:
                     return
 
     async def wait(self, job_id: str, *, timeout: float | None = None) -> Event:
@@ -240,9 +231,15 @@ class FleetClient:
         """
         if not _JOB_ID.match(job_id):
             raise UnknownJob(job_id)
-        outcome = await self.jobs.cancel(job_id)
+        stores = self.stores
+        outcome = await stores.streams.cancel(job_id)
         if outcome == "unknown":
             raise UnknownJob(job_id)
+        if outcome == "cancelled":
+            await stores.queue.dequeue(job_id)  # after `cancelled`: the queue holds a job until it has ended
+        elif outcome == "signal":
+            await stores.queue.publish_cancel(job_id)
+            outcome = "signalled"
         logger.info("job %s: cancel %s", job_id, outcome)
         return outcome
 
@@ -260,17 +257,11 @@ class FleetClient:
             elif last.type == CANCELLED:
                 status["partial"] = last.data.get("partial")
             return status
-        workers = []
-        async for key in self.redis.scan_iter(match=keys.WORKER_PREFIX + "*", count=1000):
-            raw = await self.redis.get(key)
-            if raw:
-                workers.append(jsonutil.loads(raw))
-        running = sum(len(worker.get("running", [])) for worker in workers)
-        depth = await self.redis.zcard(keys.QUEUE)
-        failures: list[bytes] = await self.redis.lrange(keys.FAILURES, 0, 9)  # type: ignore[misc]
+        queue = self.stores.queue
+        workers = await queue.workers()
         return {
-            "queued": max(0, depth - running),
-            "running": running,
+            "queued": await queue.depth(),
+            "running": sum(len(worker.get("running", [])) for worker in workers),
             "workers": sorted(workers, key=lambda worker: str(worker.get("id"))),
-            "recent_failures": [jsonutil.loads(failure) for failure in failures],
+            "recent_failures": await queue.failures(10),
         }

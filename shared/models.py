@@ -1,4 +1,4 @@
-"""The job and event models both sides agree on (CONTRACT section 5).
+"""The job and event models both sides agree on (the README's "Events" section).
 
 Requests are validated once, at submit, and then forwarded as the caller wrote them: unknown OpenAI
 fields pass through untouched. Events and results are plain dicts on the hot path; the types here
@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InvalidRequest
 
-Endpoint = Literal["chat.completions", "responses"]
 ENDPOINTS: Final[tuple[str, ...]] = ("chat.completions", "responses")
 UPSTREAM_PATHS: Final[dict[str, str]] = {"chat.completions": "/chat/completions", "responses": "/responses"}
 
@@ -68,6 +67,11 @@ class Event(NamedTuple):
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "data": self.data}
+
+
+def queued_data(job_id: str, endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
+    """The data of a job's ``queued`` event."""
+    return {"job_id": job_id, "endpoint": endpoint, "model": request.get("model")}
 
 
 def make_error(type: ErrorType, message: str, *, status: int | None = None, upstream: Any = None) -> Error:

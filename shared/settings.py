@@ -1,7 +1,7 @@
 """Settings: read once, at each entry point, and passed down.
 
 Every variable has the prefix ``STREAMFLEET_`` and may also come from a ``.env`` file. The names in
-CONTRACT section 4 are fixed; the rest tune the worker and the client. No other module reads the
+the README's settings table are fixed; the rest tune the worker and the client. No other module reads the
 environment.
 """
 
@@ -37,7 +37,12 @@ class Settings(BaseSettings):
 
     redis_url: str = Field(
         default=EMBEDDED,
-        description="Redis for the queue and the job streams; unset or 'embedded' for the embedded server.",
+        description="Redis for the queue (and the job streams, unless stream_redis_url says otherwise); "
+        "unset or 'embedded' for the embedded server.",
+    )
+    stream_redis_url: str | None = Field(
+        default=None,
+        description="Redis for the job streams; unset: the queue's.",
     )
     upstream_base_url: str = Field(
         default="https://api.openai.com/v1",
@@ -76,6 +81,11 @@ class Settings(BaseSettings):
     """A runaway stream ends in an error after this many upstream events."""
     lease_seconds: float = Field(default=5, gt=0)
     """A running job whose worker has not renewed its lease for this long is given to another worker."""
+    orphan_sweep_seconds: float = Field(default=300, gt=0)
+    """How often one worker of the fleet looks for job streams that the queue has lost (and ends
+    them); a stream must have been still for this long to count."""
+    claim_pause_seconds: float = Field(default=0, ge=0)
+    """Test only: how long a worker waits between claiming a job and starting it."""
     shutdown_grace_seconds: float = Field(default=25, ge=0)
     """On SIGTERM, how long running jobs may go on before they are handed back (Kubernetes'
     terminationGracePeriodSeconds is 30 by default)."""
@@ -106,6 +116,11 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_embedded(cls, value: object) -> object:
         return value if value else EMBEDDED
+
+    @field_validator("stream_redis_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return value if value else None
 
     @property
     def uses_embedded_redis(self) -> bool:

@@ -3,6 +3,10 @@
 The server is the embedded Valkey binary, started once for the session as a subprocess on a free
 port, unless ``STREAMFLEET_TEST_REDIS_URL`` names another. Every test starts on an empty database.
 Every test runs on uvloop, as the workers do.
+
+Tests marked ``split_roles`` run twice: with one server for both Redis roles, and with the stream
+store on a second embedded server (``STREAMFLEET_TEST_STREAM_REDIS_URL`` names another), so that a
+script or pipeline that spans the two roles fails.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ import redis
 import uvloop
 
 from producer import FleetClient
-from shared import keys
 from shared.embedded import server_command
 from shared.ports import free_port, port_open
 from shared.settings import Settings
+from shared.store import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "upstream"
@@ -62,10 +66,8 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("state")
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of the session's Redis-protocol server."""
-    configured = os.environ.get("STREAMFLEET_TEST_REDIS_URL")
+def _server(variable: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get(variable)
     if configured:
         yield configured
         return
@@ -83,18 +85,62 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_process(process)
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of the session's Redis-protocol server."""
+    yield from _server("STREAMFLEET_TEST_REDIS_URL", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def second_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second server, for the stream store in the ``split`` topology (started on first use)."""
+    yield from _server("STREAMFLEET_TEST_STREAM_REDIS_URL", tmp_path_factory)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "topology" in metafunc.fixturenames and metafunc.definition.get_closest_marker("split_roles"):
+        metafunc.parametrize("topology", ["one", "split"], indirect=True)
+
+
 @pytest.fixture
-def redis_url(redis_server: str) -> str:
-    """The server's URL, with its database emptied for this test."""
-    client = redis.Redis.from_url(redis_server)
+def topology(request: pytest.FixtureRequest) -> str:
+    """``one``: both Redis roles on one server; ``split``: the stream store on a second one."""
+    return str(getattr(request, "param", "one"))
+
+
+def _flushed(url: str) -> str:
+    client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()
-    return redis_server
+    return url
+
+
+@pytest.fixture
+def redis_url(redis_server: str, topology: str) -> str:
+    """The queue's URL, with its database emptied for this test."""
+    return _flushed(redis_server)
+
+
+@pytest.fixture
+def stream_redis_url(redis_url: str, topology: str, request: pytest.FixtureRequest) -> str:
+    """The stream store's URL (emptied): the queue's, or in the ``split`` topology a second server's."""
+    if topology == "one":
+        return redis_url
+    return _flushed(request.getfixturevalue("second_redis_server"))
 
 
 @pytest.fixture
 def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the queue's Redis."""
     client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def stream_redis(stream_redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the stream store's Redis."""
+    client = redis.Redis.from_url(stream_redis_url)
     yield client
     client.close()
 
@@ -136,10 +182,12 @@ def simulator() -> Iterator[Simulator]:
 
 
 @pytest.fixture
-def fleet_env(redis_url: str, simulator: Simulator, state_dir: Path) -> dict[str, str]:
+def fleet_env(redis_url: str, stream_redis_url: str, simulator: Simulator, state_dir: Path) -> dict[str, str]:
     """The environment of a fleet process in this test."""
+    split = {"STREAMFLEET_STREAM_REDIS_URL": stream_redis_url} if stream_redis_url != redis_url else {}
     return {
         "STREAMFLEET_REDIS_URL": redis_url,
+        **split,
         "STREAMFLEET_UPSTREAM_BASE_URL": simulator.base_url,
         "STREAMFLEET_UPSTREAM_API_KEY": "sk-test-never-logged",
         "STREAMFLEET_STATE_DIR": str(state_dir),
@@ -151,6 +199,7 @@ def fleet_env(redis_url: str, simulator: Simulator, state_dir: Path) -> dict[str
 def settings(fleet_env: dict[str, str]) -> Settings:
     return Settings(
         redis_url=fleet_env["STREAMFLEET_REDIS_URL"],
+        stream_redis_url=fleet_env.get("STREAMFLEET_STREAM_REDIS_URL"),
         upstream_base_url=fleet_env["STREAMFLEET_UPSTREAM_BASE_URL"],
         state_dir=Path(fleet_env["STREAMFLEET_STATE_DIR"]),
     )

@@ -16,11 +16,13 @@ import pytest
 import redis
 
 from producer import FleetClient
-from shared import keys
 from shared.accumulate import delta_text
 from shared.models import CANCELLED, DELTA, DONE, ERROR, RETRY, STARTED, TERMINAL_TYPES, Event
+from shared.store import keys
 from simulator import expected_text
 from tests.conftest import WorkerFactory, free_port, wait_until
+
+pytestmark = pytest.mark.split_roles
 
 FAST = {
     "STREAMFLEET_RETRY_BASE_SECONDS": "0.05",
@@ -29,16 +31,24 @@ FAST = {
 }
 
 
+_TEST = {"name": ""}
+
+
+@pytest.fixture(autouse=True)
+def _named_prompts(request: pytest.FixtureRequest) -> None:
+    """The simulator counts faults per request for the whole session: each test's prompts are its own."""
+    _TEST["name"] = request.node.name
+
+
 def chat(prompt: str, **simulator: Any) -> dict[str, Any]:
-    return {"model": "sim", "messages": [{"role": "user", "content": prompt}], "simulator": simulator}
+    content = f"{prompt} ({_TEST['name']})"
+    return {"model": "sim", "messages": [{"role": "user", "content": content}], "simulator": simulator}
 
 
 async def history(fleet: FleetClient, job_id: str) -> list[Event]:
     """Every entry of the stream, void attempts included (read raw, not through ``tail``)."""
-    from shared.jobstream import StreamDecoder
-
-    entries = await fleet.redis.xrange(keys.events(job_id))
-    return await StreamDecoder(fleet.redis, keys.events(job_id)).decode(entries)
+    streams = fleet.stores.streams
+    return [entry.event() for entry in await streams.reader(job_id).decode(await streams.range(job_id))]
 
 
 def check_history(events: list[Event]) -> None:
@@ -279,11 +289,12 @@ async def test_jobs_arq_gives_up_on_still_end(
 
 
 async def test_the_stream_expires_after_the_retention_time(
-    settings: Any, start_worker: WorkerFactory, sync_redis: redis.Redis
+    settings: Any, start_worker: WorkerFactory, sync_redis: redis.Redis, stream_redis: redis.Redis
 ) -> None:
     start_worker(env={**FAST, "STREAMFLEET_STREAM_TTL_SECONDS": "30"})
     async with FleetClient(settings) as fleet:
         job_id, _ = await run_job(fleet, chat("short-lived", tokens=3))
-    for key in (keys.events(job_id), keys.attempt(job_id), keys.attempts(job_id)):
-        assert 0 < sync_redis.ttl(key) <= 30, key
-    assert sync_redis.zcard(keys.RUNNING) == 0
+    for key in (keys.events(job_id), keys.owner(job_id), keys.attempts(job_id)):
+        assert 0 < stream_redis.ttl(key) <= 30, key
+    wait_until(lambda: sync_redis.zcard(keys.RUNNING) == 0, what="the lease to go with the job")
+    assert not sync_redis.exists(keys.arq_job(job_id))

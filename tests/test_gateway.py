@@ -18,6 +18,8 @@ from shared.accumulate import delta_text
 from simulator import expected_text
 from tests.conftest import GatewayFactory, WorkerFactory, cli
 
+pytestmark = pytest.mark.split_roles
+
 pytestmark = pytest.mark.slow
 
 
@@ -180,7 +182,7 @@ async def test_errors_are_json_with_the_right_status(gateway: str) -> None:
         failing = await client.post("/v1/chat/completions", json=chat("bad", fault="400"))
         assert failing.status_code == 400 and "simulated 400" in failing.json()["error"]["message"]
         health = await client.get("/healthz")
-        assert health.json() == {"status": "ok", "redis": True}
+        assert health.json() == {"status": "ok", "redis": True, "fanout_restarts": 0}
         metrics = (await client.get("/metrics")).text
         for name in (
             "streamfleet_gateway_requests_total",

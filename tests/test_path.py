@@ -13,11 +13,13 @@ import redis
 import uvloop
 
 from producer import FleetClient, InvalidRequest, JobCancelled, UnknownJob
-from shared import keys
 from shared.accumulate import delta_text
-from shared.models import CANCELLED, DELTA, DONE, QUEUED, STARTED, Event
+from shared.models import CANCELLED, DELTA, DONE, QUEUED, RETRY, STARTED, Event
+from shared.store import keys
 from simulator import expected_text
 from tests.conftest import Simulator, WorkerFactory, stop_process, wait_until
+
+pytestmark = pytest.mark.split_roles
 
 
 def chat(prompt: str, **simulator: object) -> dict[str, object]:
@@ -145,12 +147,17 @@ async def test_unknown_job_ids_fail_at_once(fleet: FleetClient) -> None:
     ],
 )
 async def test_invalid_requests_are_refused_before_anything_is_queued(
-    fleet: FleetClient, sync_redis: redis.Redis, request_body: object, endpoint: str, message: str
+    fleet: FleetClient,
+    sync_redis: redis.Redis,
+    stream_redis: redis.Redis,
+    request_body: object,
+    endpoint: str,
+    message: str,
 ) -> None:
     with pytest.raises(InvalidRequest, match=message) as raised:
         await fleet.submit(request_body, endpoint=endpoint)  # type: ignore[arg-type]
     assert "\n" not in str(raised.value)
-    assert sync_redis.dbsize() == 0
+    assert sync_redis.dbsize() == 0 and stream_redis.dbsize() == 0
 
 
 async def test_unknown_fields_reach_the_upstream_untouched(fleet: FleetClient, start_worker: WorkerFactory) -> None:
@@ -176,12 +183,12 @@ async def test_responses_endpoint_streams_events_and_result(fleet: FleetClient, 
 
 
 async def test_idempotency_key_returns_one_job_under_concurrent_submits(
-    fleet: FleetClient, sync_redis: redis.Redis
+    fleet: FleetClient, sync_redis: redis.Redis, stream_redis: redis.Redis
 ) -> None:
     ids = await asyncio.gather(*(fleet.submit(chat("once"), idempotency_key="order-42") for _ in range(50)))
     assert len(set(ids)) == 1
     assert sync_redis.zcard(keys.QUEUE) == 1
-    assert sync_redis.xlen(keys.events(ids[0])) == 1
+    assert stream_redis.xlen(keys.events(ids[0])) == 1
 
 
 async def test_fleet_status_counts_workers_and_queue(fleet: FleetClient, start_worker: WorkerFactory) -> None:
@@ -204,7 +211,7 @@ async def test_upstream_http_error_ends_the_job_with_error(settings, start_worke
 
 
 async def test_the_upstream_key_reaches_no_redis_value_and_no_log(
-    fleet: FleetClient, fleet_env: dict[str, str], sync_redis: redis.Redis, tmp_path: Path
+    fleet: FleetClient, fleet_env: dict[str, str], sync_redis: redis.Redis, stream_redis: redis.Redis, tmp_path: Path
 ) -> None:
     log = tmp_path / "worker.log"
     with open(log, "wb") as output:
@@ -217,9 +224,10 @@ async def test_the_upstream_key_reaches_no_redis_value_and_no_log(
         finally:
             stop_process(worker)
     secret = fleet_env["STREAMFLEET_UPSTREAM_API_KEY"].encode()
-    for key in sync_redis.scan_iter():
-        dumped = sync_redis.dump(key) or b""
-        assert secret not in dumped and secret not in key
+    for client in (sync_redis, stream_redis):
+        for key in client.scan_iter():
+            dumped = client.dump(key) or b""
+            assert secret not in dumped and secret not in key
     logged = log.read_bytes()
     assert job_id.encode() in logged and b"done" in logged
     assert secret not in logged and b"secret?" not in logged  # neither the key nor the request body
@@ -233,7 +241,6 @@ async def test_workers_claiming_one_burst_run_each_job_once(fleet: FleetClient, 
     for job_id in ids:
         assert (await fleet.wait(job_id, timeout=60)).type == DONE
     for job_id in ids:
-        entries = await fleet.redis.xrange(keys.events(job_id))
-        types = [fields[b"t"] for _, fields in entries]
-        assert types.count(STARTED.encode()) == 1, (job_id, types)
-        assert b"retry" not in types
+        types = [event.type for event in await collect(fleet, job_id)]
+        assert types.count(STARTED) == 1, (job_id, types)
+        assert RETRY not in types

@@ -13,10 +13,10 @@ import pytest
 import redis
 
 from producer import FleetClient, UnknownJob
-from shared import keys
 from shared.embedded import server_command
 from shared.models import DELTA, DONE
 from shared.settings import Settings
+from shared.store import keys
 from simulator import expected_text
 from tests.conftest import WorkerFactory, free_port, port_open, stop_process, wait_until
 from tests.test_failures import FAST, chat, check_history, history, visible_text

@@ -18,14 +18,13 @@ from typing import Any
 import pytest
 
 from producer import FleetClient
-from shared import jsonutil, keys
-from shared.jobstream import parse_id
 from shared.models import DONE, ERROR, RETRY, STARTED
+from shared.store import parse_id
 from simulator import expected_text
 from tests.conftest import WorkerFactory
 from tests.test_failures import chat, check_history, history, visible_text
 
-pytestmark = [pytest.mark.soak, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.soak, pytest.mark.split_roles, pytest.mark.timeout(600)]
 
 WORKERS = 3
 
@@ -55,8 +54,7 @@ async def test_soak(fleet: FleetClient, start_worker: WorkerFactory) -> None:
 
     async def running_on(pid: int) -> list[str]:
         """The jobs a worker process says it runs (its heartbeat is at most a second old)."""
-        async for key in fleet.redis.scan_iter(match=keys.WORKER_PREFIX + "*"):
-            record = jsonutil.loads(await fleet.redis.get(key) or b"{}")
+        for record in await fleet.stores.queue.workers():
             if record.get("pid") == pid:
                 return list(record.get("running", []))
         return []

@@ -19,14 +19,11 @@ import time
 from typing import Any
 
 from arq.worker import Retry as ArqRetry
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import jsonutil, keys
+from shared import jsonutil
 from shared.accumulate import Accumulator, accumulator_for
-from shared.jobstream import DeltaEncoder, StreamDecoder
-from shared.models import CANCELLED, DONE, ERROR, RETRY, Error, make_error
-from shared.transitions import Start
+from shared.models import CANCELLED, DONE, ERROR, RETRY, Error, make_error, queued_data
+from shared.store import DeltaEncoder, Start, Unavailable, stream_ttl_while_queued
 
 from . import metrics, supervisor
 from .runtime import Runtime
@@ -36,7 +33,7 @@ from .writer import BACKLOG_LIMIT
 logger = logging.getLogger(__name__)
 
 
-async def generate(ctx: dict[str, Any], *, endpoint: str, request: dict[str, Any]) -> None:
+async def generate(ctx: dict[str, Any], *, endpoint: str, request: dict[str, Any], tenant: str | None = None) -> None:
     """arq job function: run the generation ``ctx["job_id"]`` to its terminal event.
 
     When Redis cannot be reached the job goes back to arq's queue (``Retry``) instead of failing,
@@ -45,9 +42,12 @@ async def generate(ctx: dict[str, Any], *, endpoint: str, request: dict[str, Any
     runtime: Runtime = ctx["runtime"]
     job_id = ctx["job_id"]
     fields = {"job": job_id, "worker": runtime.worker_id}
+    if runtime.settings.claim_pause_seconds:
+        await asyncio.sleep(runtime.settings.claim_pause_seconds)  # tests: a window between claim and start
+    job = Job(runtime, job_id, endpoint, request, tenant=tenant, enqueued=ctx["enqueue_time"].timestamp())
     try:
-        await Job(runtime, job_id, endpoint, request, enqueued=ctx["enqueue_time"].timestamp()).run()
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+        await job.run()
+    except Unavailable as exc:
         logger.warning("job %s: Redis unreachable (%s); back to the queue", job_id, exc, extra=fields)
         raise ArqRetry(defer=1) from exc
     except Exception as exc:  # a bug: the job still gets its one terminal event
@@ -62,15 +62,22 @@ class Fenced(Exception):
 
 class Job:
     def __init__(
-        self, runtime: Runtime, job_id: str, endpoint: str, request: dict[str, Any], *, enqueued: float
+        self,
+        runtime: Runtime,
+        job_id: str,
+        endpoint: str,
+        request: dict[str, Any],
+        *,
+        tenant: str | None,
+        enqueued: float,
     ) -> None:
         self.runtime = runtime
+        self.tenant = tenant
         self.enqueued = enqueued  # wall clock (s) of the submit
         self.settings = runtime.settings
         self.job_id = job_id
         self.endpoint = endpoint
         self.request = request
-        self.stream = keys.events(job_id)
         # The current attempt; reset by each start.
         self.start: Start | None = None
         self.encoder: DeltaEncoder | None = None
@@ -137,17 +144,19 @@ class Job:
             self.log(logging.WARNING, "attempt fenced off by a newer attempt or the job's end", event="fenced")
         finally:
             runtime.supervisor.release(self.job_id)
-            runtime.writer.fenced.discard(self.stream)
 
     async def _start(self) -> bool:
         """Open the next attempt; False when the job must not run (it has ended, or is cancelled)."""
-        jobs = self.runtime.jobs
-        start = await jobs.start(
-            self.job_id, lease_ms=int(self.settings.lease_seconds * 1000), max_attempts=self.settings.max_attempts
+        start = await self.runtime.streams.start(
+            self.job_id,
+            queued_data(self.job_id, self.endpoint, self.request),
+            tenant=self.tenant,
+            ttl_seconds=stream_ttl_while_queued(self.settings),
+            max_attempts=self.settings.max_attempts,
         )
         if start.status == "started":
             self.start = start
-            self.encoder = DeltaEncoder(start.attempt, start.started_id)
+            self.encoder = DeltaEncoder(self.job_id, start.attempt, start.started_id)
             self.accumulator = accumulator_for(self.endpoint)
             self.deltas = 0
             self.pending = None
@@ -180,7 +189,7 @@ class Job:
         return False
 
     async def _stream(self, watch: supervisor.Watch) -> tuple[str, dict[str, Any]]:
-        writer, encoder, accumulator, stream = self.runtime.writer, self.encoder, self.accumulator, self.stream
+        writer, encoder, accumulator = self.runtime.writer, self.encoder, self.accumulator
         assert encoder is not None and accumulator is not None
         limit = self.settings.max_stream_events
         in_stream_error: UpstreamError | None = None
@@ -198,7 +207,7 @@ class Job:
                         raise UpstreamStreamError(
                             make_error("upstream_error", "the upstream sent data that is not JSON")
                         ) from None
-                    self.pending = writer.append(stream, *encoder.delta(event.data))
+                    self.pending = writer.append(encoder, *encoder.delta(event.data))
                     if self.deltas:
                         metrics.INTER_TOKEN.observe(now - last)
                     else:
@@ -211,7 +220,7 @@ class Job:
                     # An error inside the stream is final, but what the upstream sends after it
                     # (OpenAI's response.failed) is still published: the job ends when the stream does.
                     in_stream_error = in_stream_error or stream_error(event, chunk)
-                    if stream in writer.fenced:
+                    if encoder.fenced:
                         raise Fenced
                     if self.deltas >= limit:
                         raise UpstreamStreamError(
@@ -245,8 +254,8 @@ class Job:
         delay = self._backoff(failure)
         data = {"attempt": self.start.attempt, "error": failure.error, "delay_s": round(delay, 3)}
         # Batches are written in order: once the retry is in, so are the attempt's deltas.
-        await self.runtime.writer.append(self.stream, *self.encoder.event(RETRY, data))
-        if self.stream in self.runtime.writer.fenced:
+        await self.runtime.writer.append(self.encoder, *self.encoder.event(RETRY, data))
+        if self.encoder.fenced:
             raise Fenced
         self.log(
             logging.INFO,
@@ -270,17 +279,17 @@ class Job:
 
     async def _last_retry_error(self) -> Error:
         """The error of the last failed attempt, for a job whose attempts are spent."""
-        entries = await self.runtime.redis.xrevrange(self.stream, count=10)
-        for event in await StreamDecoder(self.runtime.redis, self.stream).decode(entries):
-            if event.type == RETRY:
-                error: Error = event.data["error"]
+        streams = self.runtime.streams
+        for entry in await streams.reader(self.job_id).decode(await streams.latest(self.job_id, 10)):
+            if entry.type == RETRY:
+                error: Error = entry.data["error"]
                 return error
         return make_error("internal", "the job's attempts are spent")
 
     async def _end(self, kind: str, data: dict[str, Any], began: float) -> None:
         if self.pending is not None:
             await self.pending  # the deltas first, then the terminal event
-        if self.stream in self.runtime.writer.fenced:
+        if self.encoder is not None and self.encoder.fenced:
             raise Fenced
         started_id = self.start.started_id if self.start is not None else None
         ended = await self.runtime.end(self.job_id, kind, data, started_id=started_id)
@@ -301,11 +310,11 @@ class Job:
         )
 
     async def _hand_back(self) -> None:
-        """Shutdown mid-job: announce the void attempt and put the job back in the queue."""
+        """Shutdown mid-job: announce the void attempt; arq then puts the job back in the queue, due
+        now (``FencedWorker.finish_job``)."""
         if self.start is not None and self.encoder is not None and self.accumulator is not None:
             error = make_error("worker_lost", "the worker shut down; the job goes back to the queue")
             retry = self.encoder.event(RETRY, {"attempt": self.start.attempt, "error": error, "delay_s": 0})
-            await self.runtime.writer.append(self.stream, *retry)
-        await self.runtime.jobs.hand_back(self.job_id)
+            await self.runtime.writer.append(self.encoder, *retry)
         metrics.HANDED_BACK.inc()
         self.log(logging.INFO, "handed back to the queue", event="handed_back")

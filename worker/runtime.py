@@ -9,10 +9,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
-
+from shared.models import ERROR
 from shared.settings import Settings
-from shared.transitions import JobStream
+from shared.store import QueueStore, Stores, StreamStore
 
 from . import metrics
 from .supervisor import Supervisor
@@ -23,8 +22,7 @@ from .writer import StreamWriter
 @dataclass
 class Runtime:
     settings: Settings
-    redis: Redis
-    jobs: JobStream
+    stores: Stores
     writer: StreamWriter
     upstream: Upstream
     supervisor: Supervisor
@@ -38,22 +36,33 @@ class Runtime:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 
     @classmethod
-    def create(cls, settings: Settings, redis: Redis) -> Runtime:
+    def create(cls, settings: Settings, stores: Stores) -> Runtime:
         return cls(
             settings=settings,
-            redis=redis,
-            jobs=JobStream(redis, ttl_seconds=settings.stream_ttl_seconds),
-            writer=StreamWriter(redis),
+            stores=stores,
+            writer=StreamWriter(stores.streams),
             upstream=Upstream(settings),
-            supervisor=Supervisor(redis, settings),
+            supervisor=Supervisor(stores, settings),
         )
 
+    @property
+    def queue(self) -> QueueStore:
+        return self.stores.queue
+
+    @property
+    def streams(self) -> StreamStore:
+        return self.stores.streams
+
     async def end(self, job_id: str, kind: str, data: Any, *, started_id: str | None = None) -> bool:
-        """Write the job's terminal event (see ``JobStream.end``) and count it; False if refused."""
-        ended = await self.jobs.end(job_id, kind, data, started_id=started_id)
-        if ended:
-            metrics.JOBS.labels(kind).inc()
-        return ended is not None
+        """Write the job's terminal event (``StreamStore.end``) and count it; False if refused. A job
+        that ends in error joins the recent failures."""
+        ended = await self.streams.end(job_id, kind, data, started_id=started_id)
+        if ended is None:
+            return False
+        metrics.JOBS.labels(kind).inc()
+        if kind == ERROR:
+            await self.queue.record_failure(job_id, data.get("error") or {})
+        return True
 
     async def aclose(self) -> None:
         await self.supervisor.aclose()

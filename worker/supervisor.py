@@ -1,7 +1,7 @@
 """Watching the jobs a worker runs: cancel requests and timeouts stop them, from outside; and the
 wake-up that lets an idle worker take a new job the moment it is submitted.
 
-A cancel request sets the job's cancel flag and publishes its id (``shared.transitions``). The
+A cancel request sets the job's cancel flag and publishes its id (``producer.client.FleetClient.cancel``). The
 supervisor listens on that channel and cancels the task of a job it runs at once; pub/sub can miss a
 message while the connection is down, so it also checks the flags of its jobs every ``SWEEP_S``.
 
@@ -17,10 +17,8 @@ import contextlib
 import logging
 import time
 
-from redis.asyncio import Redis
-
-from shared import keys
 from shared.settings import Settings
+from shared.store import Stores
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +61,13 @@ class Watch:
 class Supervisor:
     """The jobs this worker runs, and what stops them early."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
-        self._redis = redis
+    def __init__(self, stores: Stores, settings: Settings) -> None:
+        self._stores = stores
         self._settings = settings
         self._watches: dict[str, Watch] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.wake = asyncio.Event()
-        """Set when a job was submitted or one of ours finished: the poll loop looks at the queue now."""
+        """Set when a job was submitted (and by the poll loop when one of ours ends): look at the queue now."""
 
     @property
     def running(self) -> list[str]:
@@ -81,8 +79,7 @@ class Supervisor:
         return watch
 
     def release(self, job_id: str) -> None:
-        if self._watches.pop(job_id, None) is not None:
-            self.wake.set()  # a slot is free
+        self._watches.pop(job_id, None)
 
     def stop(self, job_id: str, reason: str) -> None:
         """Cancel a job's task, leaving ``reason`` for it to read."""
@@ -124,10 +121,7 @@ class Supervisor:
         if not job_ids:
             return
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for job_id in job_ids:
-                    pipe.exists(keys.cancel_flag(job_id))
-                flags = await pipe.execute()
+            flags = await self._stores.streams.cancel_requested(job_ids)
         except Exception as exc:
             logger.warning("cancel sweep failed: %s", exc)
             return
@@ -139,20 +133,17 @@ class Supervisor:
         delay = 0.05
         while True:
             try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    channels = [keys.CANCEL_CHANNEL]
-                    if self._settings.wake_on_submit:
-                        channels.append(keys.QUEUED_CHANNEL)
-                    await pubsub.subscribe(*channels)
+                async with self._stores.queue.notifications(queued=self._settings.wake_on_submit) as messages:
                     delay = 0.05
                     while True:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                        if not message or message.get("type") != "message":
+                        message = await messages.next(timeout=5.0)
+                        if message is None:
                             continue
-                        if message["channel"] == b"sf:queued":
+                        kind, job_id = message
+                        if kind == "queued":
                             self.wake.set()
                         else:
-                            self.stop(message["data"].decode(), CANCEL)
+                            self.stop(job_id, CANCEL)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

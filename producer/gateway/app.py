@@ -1,4 +1,4 @@
-"""The HTTP gateway (CONTRACT section 7): the jobs API, OpenAI-compatible routes, health and metrics.
+"""The HTTP gateway (the README's "HTTP gateway" section): the jobs API, OpenAI-compatible routes, health and metrics.
 
 One ``FleetClient`` and one ``FanOut`` per process, made in the lifespan. Errors are JSON in
 OpenAI's shape, ``{"error": {"message", "type", "code"}}``: 4xx for what the caller sent wrong, 404
@@ -16,11 +16,11 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import InvalidRequest, JobEnded, UnknownJob
 from shared.settings import Settings
+from shared.store import StoreError
 
 from ..client import FleetClient
 from . import jobs, metrics, openai
@@ -73,7 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
         # A bounded pool: the fan-out readers' blocked XREADs plus a few for requests, however many
         # subscribers there are.
         async with FleetClient(settings, name="streamfleet-gateway", max_connections=READERS + 4) as fleet:
-            fanout = FanOut(fleet.redis, ping_interval=settings.gateway_ping_seconds)
+            fanout = FanOut(fleet.stores.streams, ping_interval=settings.gateway_ping_seconds)
             fanout.start()
             app.state.gateway = Gateway(
                 fleet=fleet,
@@ -119,20 +119,23 @@ def create_app(settings: Settings) -> FastAPI:
         where = ".".join(str(part) for part in first.get("loc", ())) or "body"
         return error_body(400, f"{where}: {first.get('msg')}", "invalid_request_error")
 
-    @app.exception_handler(RedisError)
-    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+    @app.exception_handler(StoreError)
+    async def redis_down(request: Request, exc: StoreError) -> JSONResponse:
         logger.warning("Redis error serving %s: %s", request.url.path, exc)
         return error_body(503, "the fleet's Redis is unreachable; try again", "service_unavailable")
 
     @app.get("/healthz", tags=["health"])
     async def healthz(request: Request) -> JSONResponse:
-        """Liveness, with Redis reachability."""
+        """Liveness, with Redis reachability (both roles) and the gateway's shared readers."""
         gateway: Gateway = request.app.state.gateway
         try:
-            await gateway.fleet.redis.ping()
-        except RedisError as exc:
+            await gateway.fleet.stores.queue.ping()
+            await gateway.fleet.stores.streams.ping()
+        except StoreError as exc:
             return JSONResponse({"status": "degraded", "redis": False, "error": str(exc)}, 503)
-        return JSONResponse({"status": "ok", "redis": True})
+        if not gateway.fanout.healthy:
+            return JSONResponse({"status": "degraded", "redis": True, "error": "a fan-out reader has stopped"}, 503)
+        return JSONResponse({"status": "ok", "redis": True, "fanout_restarts": gateway.fanout.failures})
 
     @app.get("/metrics", tags=["health"])
     async def prometheus(request: Request) -> Response:
@@ -140,7 +143,7 @@ def create_app(settings: Settings) -> FastAPI:
         gateway: Gateway = request.app.state.gateway
         gateway.auth.tenant(request)
         metrics.SUBSCRIBERS.set(gateway.fanout.subscribers)
-        metrics.FOLLOWED_STREAMS.set(gateway.fanout.streams)
+        metrics.FOLLOWED_STREAMS.set(gateway.fanout.followed)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(jobs.router)

@@ -21,10 +21,6 @@ class Auth:
     def __init__(self, settings: Settings) -> None:
         self._keys = [key.get_secret_value().encode() for key in settings.gateway_api_keys]
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
-
     def tenant(self, request: Request) -> str | None:
         """The caller's tenant, ``None`` when auth is off; raises 401 for a missing or wrong key."""
         if not self._keys:

@@ -1,12 +1,23 @@
 """One-connection fan-out: a few shared readers feed every SSE subscriber of a gateway process.
 
-A subscriber does not hold a Redis connection. Each job stream that has subscribers belongs to one
-of ``READERS`` reader tasks; a reader blocks in one XREAD over all its streams (plus a wake-up stream
-of its own, written to when a stream joins), decodes each new entry once, and puts it into every
-subscriber's bounded queue. So N subscribers on M jobs cost ``READERS`` blocked connections, not N.
+A subscriber does not hold a Redis connection. Each job stream that has subscribers is *followed* by
+one of ``READERS`` reader tasks; a reader blocks in one XREAD over all its streams (plus a wake-up
+stream of its own, written to when a stream joins), decodes each new entry once, and puts it into
+every subscriber's bounded queue. So N subscribers on M jobs cost ``READERS`` blocked connections,
+not N. Entries are passed on undecoded (``Entry.body``): the SSE writer forwards their bytes.
 
 A subscriber joining a stream the reader already follows first replays what it missed with its own
-XRANGE reads up to the reader's position, then takes live events; duplicates are skipped by id.
+XRANGE reads up to the follow's position, then takes live events; duplicates are skipped by id.
+
+**Follows are objects.** A reader awaits Redis while subscribers come and go. What it read belongs to
+the ``_Follow`` it read for, and it delivers only if that follow is still the one in place: a
+stream whose last subscriber left during the await (and maybe got a new follow, from a new cursor)
+is never written back with a stale position.
+
+**A reader survives its input.** An error that one stream's entries cause (a corrupt entry, a
+reference that cannot be fetched) ends that stream's subscribers, who may resume; the reader logs
+it and carries on with the others. An error on the XREAD itself is retried with backoff. A reader
+that dies anyway is restarted, logged, and counted (``failures``), which ``/healthz`` reports.
 
 **Pings.** One ticker task puts a ``None`` into the queue of every subscriber that has had nothing
 for ``ping_interval`` seconds, and ``events`` yields it: the SSE writer turns it into ``: ping``.
@@ -24,16 +35,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Final
 
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from shared import connection, keys
-from shared.jobstream import StreamDecoder, parse_id
-from shared.models import Event
+from shared.store import Entry, RawEntry, StreamReader, StreamStore, Unavailable, parse_id
+from shared.store.connect import BLOCK_MS
+from shared.store.streams import Wake
 
 logger = logging.getLogger(__name__)
 
@@ -51,114 +58,161 @@ class StreamGone(Exception):
     """The job's stream expired (or Redis lost it) while a subscriber waited."""
 
 
+class ReadFailed(Exception):
+    """The reader could not read this job's stream; the subscriber may resume."""
+
+
+_GONE: Final = Entry("0-0", "gone", 0, b"null")
+_FAILED: Final = Entry("0-0", "failed", 0, b"null")
+
+
 class Subscriber:
-    __slots__ = ("dropped", "gone", "job_id", "last_offer", "queue")
+    __slots__ = ("dropped", "job_id", "last_offer", "queue")
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(QUEUE_SIZE)
+        self.queue: asyncio.Queue[Entry | None] = asyncio.Queue(QUEUE_SIZE)
         self.dropped = False
-        self.gone = False
         self.last_offer = time.monotonic()
 
-    def offer(self, event: Event | None) -> None:
+    def offer(self, entry: Entry | None) -> None:
         if self.dropped:
             return
         self.last_offer = time.monotonic()
         try:
-            self.queue.put_nowait(event)
+            self.queue.put_nowait(entry)
         except asyncio.QueueFull:
             self.dropped = True
             self.queue = asyncio.Queue(1)  # frees the backlog; the consumer sees `dropped`
-            self.queue.put_nowait(event)
+            self.queue.put_nowait(entry)
+
+
+class _Follow:
+    """One stream a reader follows: its position, its decoder, its subscribers."""
+
+    __slots__ = ("cursor", "decoder", "subscribers")
+
+    def __init__(self, decoder: StreamReader, cursor: str) -> None:
+        self.decoder = decoder
+        self.cursor = cursor
+        self.subscribers: set[Subscriber] = set()
+
+    def offer(self, entry: Entry) -> None:
+        for subscriber in self.subscribers:
+            subscriber.offer(entry)
 
 
 class _Reader:
     """One reader task: a blocked XREAD over its streams."""
 
-    def __init__(self, redis: Redis, index: int) -> None:
-        self.redis = redis
-        self.wake_key = f"sf:gateway:{uuid.uuid4().hex}:{index}"
-        self.streams: dict[str, str] = {}  # stream key -> last id read
-        self.subscribers: dict[str, set[Subscriber]] = {}
-        self.decoders: dict[str, StreamDecoder] = {}
+    def __init__(self, streams: StreamStore, wake: Wake, name: str) -> None:
+        self.streams = streams
+        self.wake = wake
+        self.name = name
+        self.follows: dict[str, _Follow] = {}  # job id -> what is followed
         self.stopping = False
 
     async def run(self) -> None:
         delay = 0.05
-        wake_cursor = "0-0"  # not "$": a wake written before the first XREAD must not be missed
         while not self.stopping:
+            # What this read is for: a follow replaced while it blocks must not get its entries.
+            reading = dict(self.follows)
+            cursors = {job_id: follow.cursor for job_id, follow in reading.items()}
             try:
-                request: dict[Any, Any] = {**self.streams, self.wake_key: wake_cursor}
-                response = await self.redis.xread(request, count=READ_COUNT, block=connection.BLOCK_MS)
+                found = await self.streams.follow(cursors, wake=self.wake, count=READ_COUNT, block_ms=BLOCK_MS)
                 delay = 0.05
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except Unavailable as exc:
                 if self.stopping:  # redis-py may turn the cancellation of a blocked read into this
                     return
-                logger.warning("fan-out reader lost Redis (%s); again in %.2fs", exc, delay)
+                logger.warning("fan-out %s lost Redis (%s); again in %.2fs", self.name, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            if not response:
-                await self._check_gone()
+            if not found:
+                await self._check_gone(list(self.follows))
                 continue
-            for raw_key, entries in response:
-                key = raw_key.decode()
-                if key == self.wake_key:
-                    wake_cursor = entries[-1][0].decode()
-                    continue
-                if key not in self.streams:
-                    continue
-                events = await self.decoders[key].decode(entries)
-                self.streams[key] = events[-1].id
-                self._deliver(key, events)
+            for job_id, entries in found:
+                follow = reading.get(job_id)
+                if follow is not None and self.follows.get(job_id) is follow:
+                    await self._read(job_id, follow, entries)
 
-    def _deliver(self, key: str, events: list[Event]) -> None:
-        subscribers = self.subscribers.get(key, set())
-        for event in events:
-            for subscriber in subscribers:
-                subscriber.offer(event)
-            if event.terminal:
-                self._forget(key)
+    async def _read(self, job_id: str, follow: _Follow, raw: list[RawEntry]) -> None:
+        try:
+            entries = await follow.decoder.decode(raw)
+        except Exception:
+            logger.exception(
+                "fan-out %s: job %s's entries cannot be read; its subscribers are ended", self.name, job_id
+            )
+            if self.follows.get(job_id) is follow:
+                follow.offer(_FAILED)
+                self.forget(job_id, follow)
+            return
+        if self.follows.get(job_id) is not follow:
+            return  # its subscribers left while we decoded; a newer follow reads from its own cursor
+        follow.cursor = entries[-1].id
+        for entry in entries:
+            follow.offer(entry)
+            if entry.terminal:
+                self.forget(job_id, follow)
                 return
 
-    def _forget(self, key: str) -> None:
-        self.streams.pop(key, None)
-        self.subscribers.pop(key, None)
-        self.decoders.pop(key, None)
+    def forget(self, job_id: str, follow: _Follow) -> None:
+        if self.follows.get(job_id) is follow:
+            del self.follows[job_id]
 
-    async def _check_gone(self) -> None:
+    async def _check_gone(self, job_ids: list[str]) -> None:
         """On an idle timeout: streams that expired meanwhile will never send a terminal event."""
-        tracked = list(self.streams)
-        if not tracked:
+        if not job_ids:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in tracked:
-                pipe.exists(key)
-            exists = await pipe.execute()
-        for key, present in zip(tracked, exists, strict=True):
-            if not present:
-                for subscriber in self.subscribers.get(key, set()):
-                    subscriber.gone = True
-                    subscriber.offer(Event("0-0", "gone", None))
-                self._forget(key)
+        try:
+            present = await self.streams.which_exist(job_ids)
+        except Unavailable:
+            return  # the next XREAD says how Redis is
+        for job_id, exists in zip(job_ids, present, strict=True):
+            follow = self.follows.get(job_id)
+            if not exists and follow is not None:
+                follow.offer(_GONE)
+                self.forget(job_id, follow)
 
 
 class FanOut:
     """The gateway's shared readers.
 
-    :param redis: the client the readers' blocked XREADs use (one connection per reader).
+    :param streams: the stream store the readers' blocked XREADs use (one connection per reader).
+    :param readers: how many reader tasks (and blocked connections).
+    :param ping_interval: seconds of silence after which a subscriber gets a ping.
     """
 
-    def __init__(self, redis: Redis, *, readers: int = READERS, ping_interval: float = 15.0) -> None:
-        self.redis = redis
+    def __init__(self, streams: StreamStore, *, readers: int = READERS, ping_interval: float = 15.0) -> None:
+        self.streams = streams
         self.ping_interval = ping_interval
-        self._readers = [_Reader(redis, i) for i in range(readers)]
+        name = uuid.uuid4().hex
+        self._readers = [_Reader(streams, streams.waker(name, i), f"reader {i}") for i in range(readers)]
         self._tasks: list[asyncio.Task[None]] = []
+        self.failures = 0
+        """How many times a shared task died of an unexpected error (and was restarted)."""
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(reader.run()) for reader in self._readers]
-        self._tasks.append(asyncio.create_task(self._ping()))
+        self._tasks = [asyncio.create_task(self._supervised(reader.name, reader.run)) for reader in self._readers]
+        self._tasks.append(asyncio.create_task(self._supervised("pinger", self._ping)))
+
+    async def _supervised(self, name: str, run: Callable[[], Coroutine[None, None, None]]) -> None:
+        """Run a shared task, restarting it (after a pause) if it dies of an unexpected error."""
+        while True:
+            try:
+                await run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.failures += 1
+                logger.exception("fan-out %s died; restarting it", name)
+                await asyncio.sleep(0.5)
+
+    @property
+    def healthy(self) -> bool:
+        """Every shared task is running."""
+        return len(self._tasks) == len(self._readers) + 1 and not any(task.done() for task in self._tasks)
 
     async def aclose(self) -> None:
         for reader in self._readers:
@@ -167,85 +221,86 @@ class FanOut:
             task.cancel()
         await asyncio.wait(self._tasks, timeout=5)
         with contextlib.suppress(Exception):
-            await self.redis.delete(*(reader.wake_key for reader in self._readers))
+            await self.streams.drop_wakes(reader.wake for reader in self._readers)
 
     async def _ping(self) -> None:
         while True:
             await asyncio.sleep(self.ping_interval / 2)
             quiet_since = time.monotonic() - self.ping_interval
             for reader in self._readers:
-                for subscribers in reader.subscribers.values():
-                    for subscriber in subscribers:
+                for follow in list(reader.follows.values()):
+                    for subscriber in follow.subscribers:
                         if subscriber.last_offer < quiet_since:
                             subscriber.offer(None)
 
     @property
     def subscribers(self) -> int:
-        return sum(len(subs) for reader in self._readers for subs in reader.subscribers.values())
+        return sum(len(follow.subscribers) for reader in self._readers for follow in reader.follows.values())
 
     @property
-    def streams(self) -> int:
-        return sum(len(reader.streams) for reader in self._readers)
+    def followed(self) -> int:
+        """How many streams the readers follow."""
+        return sum(len(reader.follows) for reader in self._readers)
 
-    def _reader_for(self, key: str) -> _Reader:
-        return self._readers[hash(key) % len(self._readers)]
+    def _reader_for(self, job_id: str) -> _Reader:
+        return self._readers[hash(job_id) % len(self._readers)]
 
-    async def events(self, job_id: str, *, after: str = "0") -> AsyncIterator[Event | None]:
+    async def events(self, job_id: str, *, after: str = "0") -> AsyncIterator[Entry | None]:
         """The job's events after ``after``, live, until the terminal one; ``None`` for a ping.
 
         Raises ``SlowSubscriber`` when the subscriber fell too far behind (it may resume after the
-        last event it got) and ``StreamGone`` when the stream expired meanwhile.
+        last event it got), ``StreamGone`` when the stream expired meanwhile, and ``ReadFailed``
+        when its entries could not be read.
         """
-        key = keys.events(job_id)
-        reader = self._reader_for(key)
+        reader = self._reader_for(job_id)
         subscriber = Subscriber(job_id)
-        followed = key in reader.streams
         # No await from here to the registration: the reader cannot move in between.
-        position = reader.streams.get(key, after)
-        if not followed:
-            reader.streams[key] = after
-            reader.decoders[key] = StreamDecoder(self.redis, key)
-        reader.subscribers.setdefault(key, set()).add(subscriber)
+        follow = reader.follows.get(job_id)
+        joined = follow is None
+        if follow is None:
+            follow = reader.follows[job_id] = _Follow(self.streams.reader(job_id), after)
+        position = follow.cursor
+        follow.subscribers.add(subscriber)
         try:
-            if not followed:
-                await self.redis.xadd(reader.wake_key, {"w": "1"}, maxlen=1, approximate=False)
+            if joined:
+                await self.streams.wake(reader.wake)
             last = parse_id(after)
             if parse_id(position) > last:
-                # Catch up on our own until the reader's position, then take live events.
-                async for missed in self._catch_up(key, after, position):
+                # Catch up on our own until the follow's position, then take live events.
+                async for missed in self._catch_up(job_id, after, position):
                     last = parse_id(missed.id)
                     yield missed
                     if missed.terminal:
                         return
             while True:
-                event = await subscriber.queue.get()
+                entry = await subscriber.queue.get()
                 if subscriber.dropped:
                     raise SlowSubscriber(job_id)
-                if subscriber.gone:
-                    raise StreamGone(job_id)
-                if event is None:
+                if entry is None:
                     yield None
                     continue
-                if parse_id(event.id) <= last:
+                if entry is _GONE:
+                    raise StreamGone(job_id)
+                if entry is _FAILED:
+                    raise ReadFailed(job_id)
+                if parse_id(entry.id) <= last:
                     continue
-                last = parse_id(event.id)
-                yield event
-                if event.terminal:
+                last = parse_id(entry.id)
+                yield entry
+                if entry.terminal:
                     return
         finally:
-            subs = reader.subscribers.get(key)
-            if subs is not None:
-                subs.discard(subscriber)
-                if not subs:
-                    reader._forget(key)
+            follow.subscribers.discard(subscriber)
+            if not follow.subscribers:
+                reader.forget(job_id, follow)
 
-    async def _catch_up(self, key: str, after: str, until: str) -> AsyncIterator[Event]:
-        decoder = StreamDecoder(self.redis, key)
+    async def _catch_up(self, job_id: str, after: str, until: str) -> AsyncIterator[Entry]:
+        decoder = self.streams.reader(job_id)
         cursor = after
         while parse_id(cursor) < parse_id(until):
-            entries = await self.redis.xrange(key, f"({cursor}", until, count=CATCH_UP_COUNT)
-            if not entries:
+            raw = await self.streams.range(job_id, cursor, until, count=CATCH_UP_COUNT)
+            if not raw:
                 return
-            for event in await decoder.decode(entries):
-                cursor = event.id
-                yield event
+            for entry in await decoder.decode(raw):
+                cursor = entry.id
+                yield entry

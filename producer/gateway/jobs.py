@@ -10,11 +10,12 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import StreamingResponse
 
-from shared import jobstream, jsonutil
-from shared.models import Event
+from shared.models import DELTA
+from shared.store import Entry
+from shared.store import parse_cursor as check_cursor
 
 from . import metrics
-from .fanout import SlowSubscriber, StreamGone
+from .fanout import ReadFailed, SlowSubscriber, StreamGone
 from .sse import PING, frame, sse_response
 from .state import Gateway, gateway_of
 
@@ -40,18 +41,27 @@ class JobStatus(BaseModel):
     error: dict[str, Any] | None = None
 
 
+def event_frame(entry: Entry) -> bytes:
+    """The SSE frame of an event, from its stored bytes: nothing is parsed or serialized again."""
+    if entry.type == DELTA:
+        data = b'{"attempt":%d,"chunk":%b}' % (entry.attempt, entry.body)
+    else:
+        data = entry.body
+    return frame(data, event=entry.type, id=entry.id)
+
+
 class _FrameCache:
-    """Every subscriber of a job gets the same bytes for an event: encode it once."""
+    """Every subscriber of a job gets the same bytes for an event: frame it once."""
 
     def __init__(self, size: int = 20_000) -> None:
         self._frames: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._size = size
 
-    def get(self, job_id: str, event: Event) -> bytes:
-        key = (job_id, event.id)
+    def get(self, job_id: str, entry: Entry) -> bytes:
+        key = (job_id, entry.id)
         cached = self._frames.get(key)
         if cached is None:
-            cached = self._frames[key] = frame(jsonutil.dumps(event.data), event=event.type, id=event.id)
+            cached = self._frames[key] = event_frame(entry)
             if len(self._frames) > self._size:
                 self._frames.popitem(last=False)
         return cached
@@ -65,7 +75,7 @@ def parse_cursor(value: str | None) -> str:
     ``InvalidRequest`` (a 400), never a silent full replay."""
     if value is None or value == "":
         return "0"
-    jobstream.parse_cursor(value)
+    check_cursor(value)
     return value
 
 
@@ -118,15 +128,17 @@ async def job_events(
 async def event_frames(gateway: Gateway, job_id: str, cursor: str) -> AsyncIterator[bytes]:
     metrics.OPEN_STREAMS.inc()
     try:
-        async for event in gateway.fanout.events(job_id, after=cursor):
-            if event is None:
+        async for entry in gateway.fanout.events(job_id, after=cursor):
+            if entry is None:
                 yield PING
                 continue
             metrics.EVENTS_SENT.inc()
-            yield FRAMES.get(job_id, event)
+            yield FRAMES.get(job_id, entry)
     except SlowSubscriber:
         metrics.SLOW_SUBSCRIBERS.inc()
         yield b": too slow; reconnect with Last-Event-ID to resume\n\n"
+    except ReadFailed:
+        yield b": the gateway could not read this job's events; reconnect with Last-Event-ID to resume\n\n"
     except StreamGone:
         yield b": the job's stream expired\n\n"
     finally:

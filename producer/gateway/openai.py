@@ -23,11 +23,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from shared import jsonutil, keys
-from shared.models import CANCELLED, DELTA, DONE, ERROR, RETRY, Event
+from shared import jsonutil
+from shared.models import CANCELLED, DELTA, DONE, ERROR, RETRY
+from shared.store import Entry
 
 from . import metrics
-from .fanout import SlowSubscriber, StreamGone
+from .fanout import ReadFailed, SlowSubscriber, StreamGone
 from .sse import PING, frame, sse_response
 from .state import Gateway, gateway_of
 
@@ -57,41 +58,39 @@ def _error_status(error: dict[str, Any]) -> int:
     return 504 if error.get("type") == "timeout" else 502
 
 
-async def _current_attempt(gateway: Gateway, job_id: str) -> int:
-    count = await gateway.fleet.redis.get(keys.attempts(job_id))
-    return int(count) if count else 1
+def _error_entry(entry_id: str, error: dict[str, Any]) -> Entry:
+    return Entry(entry_id, ERROR, 0, jsonutil.dumps({"error": error, "partial": None}))
 
 
-async def _events(gateway: Gateway, job_id: str, after: str = "0") -> AsyncIterator[Event | None]:
+async def _events(gateway: Gateway, job_id: str, after: str = "0") -> AsyncIterator[Entry | None]:
     """The job's events for an OpenAI-shaped client: deltas of the current attempt only; a retry
     after this client got deltas of the failing attempt ends the stream with an ``error`` event."""
-    current = await _current_attempt(gateway, job_id)
+    current = max(1, await gateway.fleet.stores.streams.attempts(job_id))
     sent_from: int | None = None
     metrics.OPEN_STREAMS.inc()
     try:
-        async for event in gateway.fanout.events(job_id, after=after):
-            if event is None:
+        async for entry in gateway.fanout.events(job_id, after=after):
+            if entry is None:
                 yield None  # a ping
-            elif event.type == DELTA:
-                attempt = event.data["attempt"]
-                if attempt < current:
+            elif entry.type == DELTA:
+                if entry.attempt < current:
                     continue
-                current, sent_from = attempt, attempt
+                current = sent_from = entry.attempt
                 metrics.EVENTS_SENT.inc()
-                yield event
-            elif event.type == RETRY:
-                if sent_from == event.data["attempt"]:
+                yield entry
+            elif entry.type == RETRY:
+                if sent_from == entry.data["attempt"]:
                     message = "the upstream failed mid-stream and the job is being retried; follow it in the jobs API"
-                    error = {"type": "upstream_error", "message": message, "status": None}
-                    yield Event(event.id, ERROR, {"error": error, "partial": None})
+                    yield _error_entry(entry.id, {"type": "upstream_error", "message": message, "status": None})
                     return
-                current = event.data["attempt"] + 1
-            elif event.terminal:
-                yield event
+                current = entry.data["attempt"] + 1
+            elif entry.terminal:
+                yield entry
                 return
-    except (SlowSubscriber, StreamGone):
-        error = {"type": "internal", "message": "the stream was interrupted; resume it", "status": None}
-        yield Event("0-0", ERROR, {"error": error, "partial": None})
+    except (SlowSubscriber, StreamGone, ReadFailed):
+        yield _error_entry(
+            "0-0", {"type": "internal", "message": "the stream was interrupted; resume it", "status": None}
+        )
     finally:
         metrics.OPEN_STREAMS.dec()
 
@@ -127,14 +126,15 @@ async def _chat_frames(gateway: Gateway, job_id: str, wants_usage: bool) -> Asyn
         if event is None:
             yield PING
         elif event.type == DELTA:
-            chunk = event.data["chunk"]
-            if not wants_usage and isinstance(chunk, dict):
+            chunk = event.data["chunk"] if not wants_usage else None
+            if isinstance(chunk, dict) and "usage" in chunk:
                 # The fleet asked the upstream for usage; a client that did not ask gets none.
                 if chunk.get("choices") == [] and chunk.get("usage") is not None:
                     continue
-                if "usage" in chunk and chunk["usage"] is None:
-                    chunk = {key: value for key, value in chunk.items() if key != "usage"}
-            yield frame(jsonutil.dumps(chunk))
+                if chunk["usage"] is None:
+                    yield frame(jsonutil.dumps({key: value for key, value in chunk.items() if key != "usage"}))
+                    continue
+            yield frame(event.body)  # the upstream's bytes, as they came
         elif event.type == DONE:
             yield b"data: [DONE]\n\n"
         elif event.type == ERROR:
@@ -243,10 +243,14 @@ async def _response_frames(gateway: Gateway, job_id: str, starting_after: int) -
             if not isinstance(chunk, dict):
                 continue
             sequence = chunk.get("sequence_number")
-            if not isinstance(sequence, int):
-                sequence = number
-                chunk = {**chunk, "sequence_number": sequence}
             number += 1
+            if isinstance(sequence, int) and not isinstance(chunk.get("response"), dict):
+                if sequence > starting_after:  # nothing to change: the upstream's bytes, as they came
+                    yield frame(event.body, event=str(chunk.get("type") or "message"))
+                continue
+            if not isinstance(sequence, int):
+                sequence = number - 1
+                chunk = {**chunk, "sequence_number": sequence}
             if sequence <= starting_after:
                 continue
             if isinstance(chunk.get("response"), dict):

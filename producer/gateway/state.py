@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
 
-from shared import keys
 from shared.errors import UnknownJob
 from shared.settings import Settings
 
@@ -25,7 +24,7 @@ class Gateway:
     async def job_for(self, request: Request, job_id: str) -> str | None:
         """Check the caller may see ``job_id``; return its tenant. Another tenant's job is a 404."""
         tenant = self.auth.tenant(request)
-        if not await self.fleet.redis.exists(keys.events(job_id)):  # no need to read (and decode) an event
+        if not await self.fleet.stores.streams.exists(job_id):  # no need to read (and decode) an event
             raise UnknownJob(job_id)
         if tenant is not None and await self.fleet.tenant_of(job_id) != tenant:
             raise HTTPException(404, f"unknown job id {job_id!r}")

@@ -1,5 +1,5 @@
-"""The job-stream entry format: how events are stored as Redis Stream entries. The only module that
-knows it (``shared.transitions`` holds the Lua half, which reads the ``t`` field).
+"""The job-stream entry format: how events lie in a Redis Stream. Both sides import it; nothing else
+touches raw entry fields.
 
 Every entry has exactly two fields, so Redis stores the field names once per stream node:
 
@@ -16,10 +16,11 @@ re-serializes a chunk.
 fingerprint...) and differ in a few bytes of content. A delta is stored as a *reference* (the whole
 bytes) or as ``\\x00`` + three varints (how many entries back its reference is, the length of the
 prefix and of the suffix it shares with it) + the bytes in between; or as ``\\x01``, the same plus a
-run shared from inside the middle (three more varints), for chunks that differ in two places (OpenAI
-pads every chunk with a random ``obfuscation`` string). A new reference is stored whenever the
-difference would not save half. Readers rebuild the bytes exactly; a reader that joins
-after a reference fetches it once.
+run shared from inside the middle (three more varints: where the run starts in the reference's
+middle, where it goes in the chunk's middle, its length), for chunks that differ in two places
+(OpenAI pads every chunk with a random ``obfuscation`` string). A new reference is stored whenever
+the difference would not save half. Readers rebuild the bytes exactly; a reader that joins after a
+reference fetches it once.
 
 **Entry ids.** The worker gives an attempt's deltas explicit ids: the ``started`` entry's
 millisecond and consecutive sequence numbers after it. This is what lets a delta name its reference
@@ -34,11 +35,9 @@ import re
 from collections import OrderedDict
 from typing import Any, Final
 
-from redis.asyncio import Redis
-
-from . import jsonutil
-from .errors import InvalidRequest
-from .models import DELTA, TERMINAL_TYPES, Event
+from .. import jsonutil
+from ..errors import InvalidRequest
+from ..models import DELTA, TERMINAL_TYPES, Event
 
 T: Final = b"t"
 D: Final = b"d"
@@ -49,8 +48,10 @@ COMPACT_INNER: Final = 0x01
 INNER_ANCHOR = 8
 
 Fields = dict[bytes, bytes]
+RawEntry = tuple[bytes, Fields]
+"""An entry as redis-py returns it from XRANGE/XREAD: its id and its fields."""
+Position = tuple[int, int]
 
-_TERMINAL_KINDS: Final = frozenset(kind.encode() for kind in TERMINAL_TYPES)
 _SMALL: Final = tuple(bytes((value,)) for value in range(0x80))
 
 
@@ -59,7 +60,10 @@ def encode(type: str, data: Any) -> Fields:
     return {T: type.encode(), D: jsonutil.dumps(data)}
 
 
-def is_terminal(fields: dict[bytes, bytes]) -> bool:
+_TERMINAL_KINDS: Final = frozenset(kind.encode() for kind in TERMINAL_TYPES)
+
+
+def is_terminal(fields: Fields) -> bool:
     """Whether a raw entry is a terminal event, without decoding its data."""
     return fields[T] in _TERMINAL_KINDS
 
@@ -67,14 +71,14 @@ def is_terminal(fields: dict[bytes, bytes]) -> bool:
 _CURSOR: Final = re.compile(r"^\d+(-\d+)?$")
 
 
-def parse_cursor(after: str) -> tuple[int, int]:
+def parse_cursor(after: str) -> Position:
     """A cursor a reader gave (``"0"`` or an entry id), checked; ``InvalidRequest`` if it is not one."""
     if not _CURSOR.match(after):
         raise InvalidRequest(f"invalid event id {after!r}: expected '0' or a stream id like '1700000000000-0'")
     return parse_id(after)
 
 
-def parse_id(entry_id: bytes | str) -> tuple[int, int]:
+def parse_id(entry_id: bytes | str) -> Position:
     """A stream entry id as ``(milliseconds, sequence)``."""
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, seq = text.partition("-")
@@ -164,15 +168,20 @@ def _inner_match(ref_middle: bytes, middle: bytes) -> tuple[int, int, int] | Non
 
 
 class DeltaEncoder:
-    """Encodes one attempt's deltas, with explicit ids after its ``started`` entry.
+    """Encodes one attempt's entries, with explicit ids after its ``started`` entry. It is also the
+    attempt's handle for the worker's writer, which sets ``fenced`` when Redis refuses one of them.
 
+    :param job_id: the job.
     :param attempt: the attempt number.
     :param started_id: the id Redis gave the attempt's ``started`` entry.
     """
 
-    __slots__ = ("_kind", "_ms", "_prefix", "_ref", "_ref_seq", "_seq", "_suffix")
+    __slots__ = ("_kind", "_ms", "_prefix", "_ref", "_ref_seq", "_seq", "_suffix", "fenced", "job_id")
 
-    def __init__(self, attempt: int, started_id: str) -> None:
+    def __init__(self, job_id: str, attempt: int, started_id: str) -> None:
+        self.job_id = job_id
+        self.fenced = False
+        """Redis refused an entry of this attempt: a newer attempt or the job's end is in the stream."""
         self._kind = b"%d" % attempt
         self._ms, self._seq = parse_id(started_id)
         self._ref = b""
@@ -213,80 +222,59 @@ class DeltaEncoder:
         return self.next_id(), encode(type, data)
 
 
-APPEND_LUA: Final = """
--- KEYS: the stream of each entry. ARGV: id, type field, data field of each entry, in order.
--- Appends every entry (NOMKSTREAM) and returns the 1-based positions of those Redis refused: an id
--- not above the stream's last one (a newer attempt, or the end, is there), or a stream that is gone.
-local refused = {}
-for i = 1, #KEYS do
-  local at = (i - 1) * 3
-  local ok, id = pcall(redis.call, 'XADD', KEYS[i], 'NOMKSTREAM', ARGV[at + 1], 't', ARGV[at + 2], 'd', ARGV[at + 3])
-  if not ok or not id then refused[#refused + 1] = i end
-end
-return refused
-"""
-"""One script call appends a whole batch of entries: one command and one reply, not one per entry."""
+class Entry:
+    """One decoded entry: the event's id, type, and its data as stored bytes, parsed only when asked.
+
+    ``body`` is the upstream's chunk for a delta (its exact bytes), the data's JSON otherwise: a
+    reader that forwards events (the gateway) never parses them.
+    """
+
+    __slots__ = ("_data", "attempt", "body", "id", "type")
+
+    def __init__(self, id: str, type: str, attempt: int, body: bytes) -> None:
+        self.id = id
+        self.type = type
+        self.attempt = attempt
+        """The attempt of a delta; 0 for other events."""
+        self.body = body
+        self._data: Any = _UNPARSED
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+    @property
+    def data(self) -> Any:
+        """The event's ``data`` as the contract has it (parsed once, then kept)."""
+        if self._data is _UNPARSED:
+            if self.type == DELTA:
+                self._data = {"attempt": self.attempt, "chunk": jsonutil.loads(self.body)}
+            else:
+                self._data = jsonutil.loads(self.body)
+        return self._data
+
+    def event(self) -> Event:
+        return Event(self.id, self.type, self.data)
 
 
-class StreamDecoder:
-    """Decodes the entries of one job stream for one reader, rebuilding compact deltas.
+_UNPARSED: Final = object()
 
-    Keeps the last few references it has seen; one it has not (a reader that starts in the middle)
-    is fetched with XRANGE.
+
+class Decoder:
+    """Rebuilds the entries of one stream for one reader, keeping the last ``CACHE`` references it saw.
+
+    ``missing`` names the references a batch needs that it has not seen (a reader that starts in the
+    middle); the caller fetches them (``StreamStore``) and hands them to ``remember``.
     """
 
     CACHE = 64
 
-    def __init__(self, redis: Redis, stream: str) -> None:
-        self._redis = redis
-        self._stream = stream
-        self._refs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+    def __init__(self) -> None:
+        self._refs: OrderedDict[Position, bytes] = OrderedDict()
 
-    async def decode(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Event]:
-        """Decode entries read from the stream, in order."""
-        missing = self._missing_refs(entries)
-        if missing:
-            await self._fetch(missing)
-        return [self._decode(entry_id, fields) for entry_id, fields in entries]
-
-    def raw_chunk(self, entry_id: bytes | str, fields: dict[bytes, bytes]) -> bytes:
-        """The upstream's bytes of a delta entry (references must be known: call ``decode`` first)."""
-        data = fields[D]
-        position = parse_id(entry_id)
-        if data[0] > COMPACT_INNER:
-            self._remember(position, data)
-            return data
-        distance, at = _read_varint(data, 1)
-        prefix, at = _read_varint(data, at)
-        suffix, at = _read_varint(data, at)
-        ref = self._refs[(position[0], position[1] - distance)]
-        middle = data[at:]
-        if data[0] == COMPACT_INNER:
-            at_ref, at = _read_varint(data, at)
-            at_chunk, at = _read_varint(data, at)
-            length, at = _read_varint(data, at)
-            rest = data[at:]
-            start = prefix + at_ref
-            middle = rest[:at_chunk] + ref[start : start + length] + rest[at_chunk:]
-        return ref[:prefix] + middle + ref[len(ref) - suffix :]
-
-    def _decode(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
-        event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-        kind = fields[T]
-        if kind[:1].isdigit():
-            chunk = jsonutil.loads(self.raw_chunk(entry_id, fields))
-            return Event(event_id, DELTA, {"attempt": int(kind), "chunk": chunk})
-        return Event(event_id, kind.decode(), jsonutil.loads(fields[D]))
-
-    def _remember(self, position: tuple[int, int], data: bytes) -> None:
-        self._refs[position] = data
-        self._refs.move_to_end(position)
-        if len(self._refs) > self.CACHE:
-            self._refs.popitem(last=False)
-
-    def _missing_refs(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> set[tuple[int, int]]:
+    def missing(self, entries: list[RawEntry]) -> set[Position]:
         present = set(self._refs)
-        missing: set[tuple[int, int]] = set()
+        missing: set[Position] = set()
         for entry_id, fields in entries:
             if not fields[T][:1].isdigit():
                 continue
@@ -301,10 +289,37 @@ class StreamDecoder:
                 missing.add(ref)
         return missing
 
-    async def _fetch(self, refs: set[tuple[int, int]]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for ms, seq in sorted(refs):
-                pipe.xrange(self._stream, f"{ms}-{seq}", f"{ms}-{seq}")
-            for found in await pipe.execute():
-                for entry_id, fields in found:
-                    self._remember(parse_id(entry_id), fields[D])
+    def remember(self, position: Position, data: bytes) -> None:
+        self._refs[position] = data
+        self._refs.move_to_end(position)
+        if len(self._refs) > self.CACHE:
+            self._refs.popitem(last=False)
+
+    def decode(self, entries: list[RawEntry]) -> list[Entry]:
+        """Decode entries, in order; every reference they need must be known (``missing``)."""
+        return [self._entry(entry_id, fields) for entry_id, fields in entries]
+
+    def _entry(self, entry_id: bytes, fields: Fields) -> Entry:
+        kind = fields[T]
+        if kind[:1].isdigit():
+            return Entry(entry_id.decode(), DELTA, int(kind), self._chunk(entry_id, fields[D]))
+        return Entry(entry_id.decode(), kind.decode(), 0, fields[D])
+
+    def _chunk(self, entry_id: bytes, data: bytes) -> bytes:
+        position = parse_id(entry_id)
+        if data[0] > COMPACT_INNER:
+            self.remember(position, data)
+            return data
+        distance, at = _read_varint(data, 1)
+        prefix, at = _read_varint(data, at)
+        suffix, at = _read_varint(data, at)
+        ref = self._refs[(position[0], position[1] - distance)]
+        middle = data[at:]
+        if data[0] == COMPACT_INNER:
+            at_ref, at = _read_varint(data, at)
+            at_chunk, at = _read_varint(data, at)
+            length, at = _read_varint(data, at)
+            rest = data[at:]
+            start = prefix + at_ref
+            middle = rest[:at_chunk] + ref[start : start + length] + rest[at_chunk:]
+        return ref[:prefix] + middle + ref[len(ref) - suffix :]

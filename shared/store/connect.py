@@ -1,4 +1,5 @@
-"""Opening Redis: the URL from the settings (or the embedded server), one way for every process."""
+"""Opening Redis for each role: the URLs from the settings (or the embedded server), one way for
+every process."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 
-from . import embedded
-from .errors import ConfigurationError
-from .settings import Settings
+from .. import embedded
+from ..errors import ConfigurationError
+from ..settings import EMBEDDED, Settings
 
 SOCKET_TIMEOUT_S = 15.0
 """Longer than any XREAD BLOCK we issue: a block longer than the socket timeout raises TimeoutError."""
@@ -17,16 +18,25 @@ BLOCK_MS = 5_000
 """How long a reader blocks in one XREAD before it checks on the job and blocks again."""
 
 
-def resolve_url(settings: Settings) -> str:
-    """The Redis URL to use: the configured one, or the embedded server's (started if need be)."""
-    if settings.uses_embedded_redis:
+def _checked(url: str, variable: str, settings: Settings) -> str:
+    if url == EMBEDDED:
         return embedded.ensure(settings.state_dir).url
-    scheme = urlsplit(settings.redis_url).scheme
+    scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigurationError(
-            f"STREAMFLEET_REDIS_URL must start with redis://, rediss:// or unix://, not {scheme or '(none)'}"
-        )
-    return settings.redis_url
+        raise ConfigurationError(f"{variable} must start with redis://, rediss:// or unix://, not {scheme or '(none)'}")
+    return url
+
+
+def queue_url(settings: Settings) -> str:
+    """The queue's Redis URL: the configured one, or the embedded server's (started if need be)."""
+    return _checked(settings.redis_url, "STREAMFLEET_REDIS_URL", settings)
+
+
+def stream_url(settings: Settings) -> str:
+    """The stream store's Redis URL: its own setting, else the queue's."""
+    if settings.stream_redis_url is None:
+        return queue_url(settings)
+    return _checked(settings.stream_redis_url, "STREAMFLEET_STREAM_REDIS_URL", settings)
 
 
 def pool(url: str, *, max_connections: int | None = None, name: str | None = None) -> ConnectionPool:

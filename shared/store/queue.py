@@ -1,0 +1,498 @@
+"""The queue: arq's keys and ours beside them, and the one module that knows arq's internals.
+
+arq owns this Redis: its queue (``arq:queue``, a sorted set of waiting job ids scored by when they may
+start), its job entries (``arq:job:<id>``) and its claim markers (``arq:in-progress:<id>``). The fleet
+adds leases (``sf:running``), worker heartbeats, idempotency keys, recent failures and two pub/sub
+channels. Everything that depends on arq's key layout, its job payload or a non-public part of its
+``Worker`` is here, and ``ARQ_SURFACE`` pins it: ``tests/test_arq_fence.py`` fails, naming what
+changed, when an arq release moves any of it.
+
+**How a job is held.** A worker claims jobs in one script: it takes up to its free slots of due ids
+off the queue, marks them in progress as arq does, and leases each in ``sf:running`` in the same
+step. From then until arq finishes the job (``FencedWorker.finish_job``, which drops the lease in the
+same step as arq's own clean-up), the job is in exactly one of two places: waiting in ``arq:queue``,
+or held under a lease. A worker renews the leases of what it holds; a lease that lapses (its worker
+died) sends the job back to the queue (``requeue_lapsed``). Since held jobs are not in the queue,
+the due range holds only jobs that can be claimed: no worker reads past running jobs to find them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from signal import Signals
+from typing import Any, Final
+
+import arq
+from arq.connections import ArqRedis
+from arq.jobs import serialize_job
+from arq.worker import Worker
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .. import jsonutil
+from . import keys
+
+logger = logging.getLogger(__name__)
+
+FUNCTION: Final = "generate"
+"""The arq function name every job is queued under."""
+QUEUE_TTL_SECONDS: Final = 86_400
+"""A job that waits in the queue longer than this expires (arq's default)."""
+IDEMPOTENCY_TTL_SECONDS: Final = 86_400
+
+_NOW_MS = """
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+"""
+
+# KEYS: idempotency key or "", arq job, arq queue. ARGV: job id, payload, job ttl ms, score ms,
+# idempotency ttl s, the channel that wakes idle workers, arq's job key prefix.
+# Returns {job id, 1 if arq still has the job}: a key used before returns the first job's id.
+_ENQUEUE = """
+if KEYS[1] ~= '' then
+  local existing = redis.call('GET', KEYS[1])
+  if existing then return {existing, redis.call('EXISTS', ARGV[7] .. existing)} end
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[5])
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+redis.call('PUBLISH', ARGV[6], ARGV[1])
+return {ARGV[1], 1}
+"""
+
+# KEYS: arq queue, leases. ARGV: how many, lease ms, in-progress ms, arq's in-progress key prefix.
+# Takes the first due jobs off the queue, marks them in progress (arq's marker) and leases them, in
+# one step. Returns id, score pairs. (The in-progress keys are derived here, undeclared: the queue
+# lives on one primary, never on a cluster.)
+_CLAIM = (
+    _NOW_MS
+    + """
+local now = now_ms()
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
+local lease_end = now + tonumber(ARGV[2])
+for i = 1, #due, 2 do
+  redis.call('ZREM', KEYS[1], due[i])
+  redis.call('SET', ARGV[4] .. due[i], '1', 'PX', ARGV[3])
+  redis.call('ZADD', KEYS[2], lease_end, due[i])
+end
+return due
+"""
+)
+
+# Leases use the server's clock, so the workers' clocks need not agree.
+# KEYS: leases. ARGV: lease ms, job ids. Renews leases still held (XX: never revives one let go).
+_RENEW = (
+    _NOW_MS
+    + """
+local lease_end = now_ms() + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', lease_end, ARGV[i]) end
+return #ARGV - 1
+"""
+)
+
+# KEYS: leases. ARGV: how many. The jobs whose lease has lapsed.
+_LAPSED = (
+    _NOW_MS
+    + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
+"""
+)
+
+# KEYS: leases, arq queue, arq job, arq in-progress. ARGV: job id.
+# A held job whose lease lapsed goes back to the queue, due now: 'requeued'; 'alive' if the lease was
+# renewed meanwhile; 'lost' if arq no longer has the job (it can never run: the caller ends it).
+_REQUEUE = (
+    _NOW_MS
+    + """
+local now = now_ms()
+local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not lease) or tonumber(lease) > now then return 'alive' end
+if redis.call('EXISTS', KEYS[3]) == 0 then return 'lost' end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[4])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+return 'requeued'
+"""
+)
+
+# KEYS: arq in-progress, arq job, arq retry, arq queue, leases, arq abort. ARGV: job id, when to run
+# it again (ms; "now"; or "" when it is finished).
+# arq's finish_job (a MULTI of the same commands), and the lease goes in the same step.
+_FINISH = (
+    _NOW_MS
+    + """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('ZREM', KEYS[6], ARGV[1])
+else
+  local at = ARGV[2] == 'now' and now_ms() or tonumber(ARGV[2])
+  redis.call('ZADD', KEYS[4], at, ARGV[1])
+end
+return 1
+"""
+)
+
+# KEYS: arq queue, leases, arq job. ARGV: job id.
+# A cancelled job that no worker holds leaves the queue; a held one is left to its worker (it finds
+# the job ended when it starts it, and arq finishes it as usual).
+_DEQUEUE = """
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 'held' end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 'removed'
+"""
+
+
+def payload(*, endpoint: str, request: dict[str, Any], tenant: str | None, enqueue_time_ms: int) -> bytes:
+    """arq's job entry for one generation: JSON, not arq's default pickle (a queue should not execute
+    what it reads). It carries the request body and the tenant, nothing secret."""
+    data: bytes = serialize_job(
+        FUNCTION,
+        (),
+        {"endpoint": endpoint, "request": request, "tenant": tenant},
+        None,
+        enqueue_time_ms,
+        serializer=serialize,
+    )
+    return data
+
+
+def serialize(value: dict[str, Any]) -> bytes:
+    return jsonutil.dumps(value)
+
+
+def deserialize(raw: bytes) -> dict[str, Any]:
+    value: dict[str, Any] = jsonutil.loads(raw)
+    return value
+
+
+def connect(pool: Any) -> ArqRedis:
+    """The queue's client: arq's ``ArqRedis`` (a ``redis.asyncio.Redis``) with the fleet's serializer."""
+    return ArqRedis(pool_or_conn=pool, job_serializer=serialize, job_deserializer=deserialize)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class QueueStore:
+    """The queue's operations, bound to one client.
+
+    :param redis: the queue's ``ArqRedis``.
+    """
+
+    def __init__(self, redis: ArqRedis) -> None:
+        self.redis = redis
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._claim = redis.register_script(_CLAIM)
+        self._renew = redis.register_script(_RENEW)
+        self._lapsed = redis.register_script(_LAPSED)
+        self._requeue = redis.register_script(_REQUEUE)
+        self._finish = redis.register_script(_FINISH)
+        self._dequeue = redis.register_script(_DEQUEUE)
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def enqueue(
+        self, job_id: str, payload: bytes, *, score_ms: int, idempotency_key: str | None
+    ) -> tuple[str, bool]:
+        """Queue the job (step one of a submit); return its id and whether arq still has it.
+
+        With an idempotency key already used, nothing is written and the first job's id comes back.
+        """
+        reply = await self._enqueue(
+            keys=[keys.idempotency(idempotency_key) if idempotency_key else "", keys.arq_job(job_id), keys.QUEUE],
+            args=[
+                job_id,
+                payload,
+                QUEUE_TTL_SECONDS * 1000,
+                score_ms,
+                IDEMPOTENCY_TTL_SECONDS,
+                keys.QUEUED_CHANNEL,
+                keys.arq_job(""),
+            ],
+        )
+        return _text(reply[0]), bool(reply[1])
+
+    async def claim(self, limit: int, *, lease_ms: int, in_progress_ms: int) -> list[tuple[str, int]]:
+        """Take up to ``limit`` due jobs for this worker, leased: ``(job id, score)`` of those taken."""
+        reply = await self._claim(
+            keys=[keys.QUEUE, keys.RUNNING], args=[limit, lease_ms, in_progress_ms, keys.arq_in_progress("")]
+        )
+        return [(_text(job_id), int(float(score))) for job_id, score in zip(reply[::2], reply[1::2], strict=True)]
+
+    async def lapsed(self, *, limit: int = 100) -> list[str]:
+        """Held jobs whose lease has lapsed."""
+        return [_text(job_id) for job_id in await self._lapsed(keys=[keys.RUNNING], args=[limit])]
+
+    async def requeue_lapsed(self, job_id: str) -> str:
+        """Send a job whose lease lapsed back to the queue: ``requeued``, ``alive`` or ``lost``."""
+        result = await self._requeue(
+            keys=[keys.RUNNING, keys.QUEUE, keys.arq_job(job_id), keys.arq_in_progress(job_id)], args=[job_id]
+        )
+        return _text(result)
+
+    async def finish(self, job_id: str, *, again_at_ms: int | str | None) -> None:
+        """Let go of a held job: finished (``again_at_ms`` None: arq's keys go), or back in the queue
+        at that time (ms, or ``"now"``). Its lease goes either way."""
+        await self._finish(
+            keys=[
+                keys.arq_in_progress(job_id),
+                keys.arq_job(job_id),
+                keys.arq_retry(job_id),
+                keys.QUEUE,
+                keys.RUNNING,
+                keys.ARQ_ABORT,
+            ],
+            args=[job_id, "" if again_at_ms is None else again_at_ms],
+        )
+
+    async def dequeue(self, job_id: str) -> str:
+        """Take a cancelled job off the queue: ``removed``, or ``held`` (a worker has it)."""
+        result = await self._dequeue(keys=[keys.QUEUE, keys.RUNNING, keys.arq_job(job_id)], args=[job_id])
+        return _text(result)
+
+    async def publish_cancel(self, job_id: str) -> None:
+        """Tell the worker that holds the job to cancel it."""
+        await self.redis.publish(keys.CANCEL_CHANNEL, job_id)
+
+    async def has_job(self, job_id: str) -> bool:
+        """Whether arq still has the job's entry."""
+        return bool(await self.redis.exists(keys.arq_job(job_id)))
+
+    async def known(self, job_ids: list[str]) -> list[bool]:
+        """For each job, whether the queue has it at all: waiting, held, or its arq entry."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.zscore(keys.QUEUE, job_id)
+                pipe.zscore(keys.RUNNING, job_id)
+                pipe.exists(keys.arq_job(job_id))
+            found = await pipe.execute()
+        return [any(found[i : i + 3]) for i in range(0, len(found), 3)]
+
+    # Workers -----------------------------------------------------------------------------------------
+
+    async def beat(
+        self, worker_id: str, record: dict[str, Any], *, ttl_s: int, held: list[str], lease_ms: int
+    ) -> tuple[int, int]:
+        """One heartbeat round trip: renew the leases of ``held``, refresh the worker's record; return
+        the queue's depth (waiting jobs) and how many jobs the fleet holds."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if held:
+                await self._renew(keys=[keys.RUNNING], args=[lease_ms, *held], client=pipe)
+            pipe.set(keys.worker(worker_id), jsonutil.dumps(record), ex=ttl_s)
+            pipe.zcard(keys.QUEUE)
+            pipe.zcard(keys.RUNNING)
+            replies = await pipe.execute()
+        return int(replies[-2]), int(replies[-1])
+
+    async def forget_worker(self, worker_id: str) -> None:
+        await self.redis.delete(keys.worker(worker_id))
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """The live workers' heartbeat records."""
+        records = []
+        async for key in self.redis.scan_iter(match=keys.WORKER_PREFIX + "*", count=1000):
+            raw = await self.redis.get(key)
+            if raw:
+                records.append(jsonutil.loads(raw))
+        return records
+
+    async def depth(self) -> int:
+        """Jobs waiting in the queue."""
+        return int(await self.redis.zcard(keys.QUEUE))
+
+    async def held(self) -> int:
+        """Jobs the fleet's workers hold (claimed, running, or between attempts)."""
+        return int(await self.redis.zcard(keys.RUNNING))
+
+    async def record_failure(self, job_id: str, error: dict[str, Any]) -> None:
+        """Keep the job among the latest failures (``streamfleet status``)."""
+        entry = {"id": job_id, "at": round(time.time(), 3), "type": error.get("type"), "message": error.get("message")}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lpush(keys.FAILURES, jsonutil.dumps(entry))
+            pipe.ltrim(keys.FAILURES, 0, keys.FAILURES_KEPT - 1)
+            await pipe.execute()
+
+    async def failures(self, count: int) -> list[dict[str, Any]]:
+        raw: list[bytes] = await self.redis.lrange(keys.FAILURES, 0, count - 1)  # type: ignore[misc]
+        return [jsonutil.loads(entry) for entry in raw]
+
+    async def take_sweep(self, worker_id: str, *, for_ms: int) -> bool:
+        """Whether this worker may sweep for orphans now (one worker per period)."""
+        return bool(await self.redis.set(keys.SWEEP_LOCK, worker_id, nx=True, px=for_ms))
+
+    @contextlib.asynccontextmanager
+    async def notifications(self, *, queued: bool) -> AsyncIterator[Notifications]:
+        """Subscribe to cancel requests (and, with ``queued``, to submits)."""
+        async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+            channels = [keys.CANCEL_CHANNEL, *([keys.QUEUED_CHANNEL] if queued else [])]
+            await pubsub.subscribe(*channels)
+            yield Notifications(pubsub)
+
+
+class Notifications:
+    """Messages on the queue's channels: ``("cancel", job id)`` or ``("queued", job id)``."""
+
+    def __init__(self, pubsub: Any) -> None:
+        self._pubsub = pubsub
+
+    async def next(self, timeout: float) -> tuple[str, str] | None:
+        message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+        if not message or message.get("type") != "message":
+            return None
+        kind = "queued" if message["channel"] == keys.QUEUED_CHANNEL.encode() else "cancel"
+        return kind, _text(message["data"])
+
+
+# The arq fence ------------------------------------------------------------------------------------
+
+ARQ_VERSION: Final = "0.28."
+ARQ_SURFACE: Final[dict[str, str]] = {
+    # What FencedWorker replaces or relies on, by the sha256 (first 16 hex digits) of arq's source.
+    # Replaced: claiming (our script, leased), waiting (woken by submits), finishing (drops the lease).
+    "Worker._poll_iteration": "f8d39d823a0a59f2",
+    "Worker.finish_job": "903f09c92830d3fd",
+    "Worker.finish_failed_job": "3e16087f318a7acf",
+    # Relied on: main() polls through _poll_iteration; run_job reads arq:job:<id>, calls the function
+    # with ctx job_id/enqueue_time/score, and ends through finish_job / finish_failed_job; the signal
+    # handlers cancel `tasks` and stop picking jobs.
+    "Worker.main": "45ca1591c9717466",
+    "Worker.run_job": "589a19059ff84ee7",
+    "Worker.handle_sig": "985ff7ba01aa8f04",
+    "Worker.handle_sig_wait_for_completion": "8f161d86834cc74e",
+    "serialize_job": "1fc854cc50e16e5c",
+}
+"""Pinned by ``tests/test_arq_fence.py``."""
+ARQ_ATTRIBUTES: Final = ("tasks", "allow_pick_jobs", "max_jobs", "burst", "loop", "in_progress_timeout_s")
+"""The attributes of arq's Worker that FencedWorker reads."""
+
+
+def arq_source_hash(name: str) -> str:
+    """The sha256 (16 hex digits) of the source of an ``ARQ_SURFACE`` entry in the installed arq."""
+    target: Any = arq.worker if name.startswith("Worker.") else arq.jobs
+    for part in name.split("."):
+        target = getattr(target, part)
+    return hashlib.sha256(inspect.getsource(target).encode()).hexdigest()[:16]
+
+
+class FencedWorker(Worker):
+    """arq's ``Worker``, with claiming, waiting and finishing replaced (``ARQ_SURFACE``).
+
+    - Claims in one script, up to its free slots, leased at once (``QueueStore.claim``), where arq
+      claims one job per WATCH/MULTI and leaves a claimed job unguarded until it ends.
+    - Idle, it waits for ``wake`` (set on a submit and when a job ends) or ``poll_delay_s``.
+    - Finishing a job drops its lease in the same step as arq's clean-up; a job arq gives up on
+      (expired in the queue, unreadable) is first handed to ``on_given_up`` to be ended.
+    - A Redis that blinks, or a job task that fails, does not end the poll loop.
+
+    :param queue: the queue store.
+    :param lease_ms: the lease a claim takes.
+    :param wake: set by whoever knows there is work: the poll looks at the queue at once.
+    :param poll_delay_s: the longest idle wait.
+    :param on_signal: called when a shutdown signal arrives (before arq's own handling).
+    :param on_given_up: ``(job id, expired)``: arq will not run the job; end it.
+    :param kwargs: arq's ``Worker`` options.
+    """
+
+    def __init__(
+        self,
+        queue: QueueStore,
+        *,
+        lease_ms: int,
+        wake: asyncio.Event,
+        poll_delay_s: float,
+        on_signal: Callable[[], None],
+        on_given_up: Callable[[str, bool], Awaitable[None]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(redis_pool=queue.redis, poll_delay=0, **kwargs)
+        self.queue = queue
+        self._lease_ms = lease_ms
+        self._wake = wake
+        self._poll_delay_s = poll_delay_s
+        self._on_signal = on_signal
+        self._on_given_up = on_given_up
+        self._scores: dict[str, int] = {}
+        self._poll_failures = 0
+
+    @property
+    def held(self) -> list[str]:
+        """The jobs this worker holds (claimed and not yet finished): their leases are renewed."""
+        return [job_id for job_id, task in self.tasks.items() if not task.done()]
+
+    async def _poll_iteration(self) -> None:
+        self._wake.clear()  # before looking at the queue: a submit from now on sets it again
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                if not task.cancelled() and task.exception() is not None:
+                    logger.error("job %s: arq's run_job failed", job_id, exc_info=task.exception())
+        taken: list[tuple[str, int]] = []
+        free = self.max_jobs - len(self.tasks)
+        if self.allow_pick_jobs and free > 0:
+            try:
+                taken = await self.queue.claim(
+                    free, lease_ms=self._lease_ms, in_progress_ms=int(self.in_progress_timeout_s * 1000)
+                )
+                self._poll_failures = 0
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self._poll_failures += 1
+                delay = min(0.05 * 2**self._poll_failures, 2.0)
+                logger.warning("polling the queue failed (%s); again in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                return
+        for job_id, score in taken:
+            self._scores[job_id] = score
+            task = self.loop.create_task(self.run_job(job_id, score))
+            task.add_done_callback(lambda _: self._wake.set())  # a slot is free
+            self.tasks[job_id] = task
+        await self.heart_beat()
+        if not taken and not self.burst:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_delay_s)
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        # The fleet keeps no arq results (keep_result=0) and runs no cron jobs (keep_in_progress).
+        score = self._scores.pop(job_id, None)
+        again_at: int | str | None = None
+        if not finish:
+            # arq would ZINCRBY the job's score (still in its queue) by incr_score; ours left the queue
+            # at the claim, so it goes back at that same time.
+            again_at = score + incr_score if incr_score and score is not None else "now"
+        await self.queue.finish(job_id, again_at_ms=again_at)
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        expired = not await self.queue.has_job(job_id)
+        await self._on_given_up(job_id, expired)  # the job's end first, then the queue lets go of it
+        self._scores.pop(job_id, None)
+        await self.queue.finish(job_id, again_at_ms=None)
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        self._on_signal()
+        super().handle_sig_wait_for_completion(signum)
+
+    def handle_sig(self, signum: Signals) -> None:
+        self._on_signal()
+        super().handle_sig(signum)

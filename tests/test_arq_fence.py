@@ -1,0 +1,66 @@
+"""The arq surface the fleet depends on, pinned: an arq release that changes any of it fails here, naming
+what changed, instead of somewhere else as a mystery. ``shared.store.queue`` is the only module that
+touches arq's internals (its key layout, its job payload, the Worker methods it replaces)."""
+
+from __future__ import annotations
+
+import inspect
+
+import arq
+import arq.constants
+import pytest
+from arq.worker import Worker, func
+
+from shared.store import keys, queue
+
+
+def test_arq_is_the_pinned_release() -> None:
+    assert arq.VERSION.startswith(queue.ARQ_VERSION), (
+        f"arq {arq.VERSION} is installed, the fleet is fenced against {queue.ARQ_VERSION}x: "
+        "re-read the sources named in shared/store/queue.py ARQ_SURFACE, then re-pin"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(queue.ARQ_SURFACE))
+def test_arq_source_the_fence_relies_on_is_unchanged(name: str) -> None:
+    pinned, now = queue.ARQ_SURFACE[name], queue.arq_source_hash(name)
+    assert now == pinned, (
+        f"arq's {name} changed (source sha256 {now}, pinned {pinned}): re-read it against FencedWorker and "
+        f"QueueStore in shared/store/queue.py, then update ARQ_SURFACE"
+    )
+
+
+def test_arq_key_layout_is_what_the_scripts_assume() -> None:
+    assert (keys.QUEUE, keys.arq_job("x"), keys.arq_in_progress("x"), keys.arq_retry("x"), keys.ARQ_ABORT) == (
+        "arq:queue",
+        "arq:job:x",
+        "arq:in-progress:x",
+        "arq:retry:x",
+        "arq:abort",
+    ), "arq's key names changed: the queue scripts in shared/store/queue.py spell arq's layout"
+
+
+async def test_arq_worker_has_what_the_fence_reads() -> None:
+    async def job(ctx: dict[str, object]) -> None:
+        pass
+
+    worker = Worker(functions=[func(job, name="f")], queue_name=keys.QUEUE)
+    missing = [name for name in queue.ARQ_ATTRIBUTES if not hasattr(worker, name)]
+    assert not missing, f"arq's Worker no longer has {missing}: FencedWorker reads them"
+    signature = inspect.signature(Worker.__init__)
+    for option in ("redis_pool", "poll_delay", "max_jobs", "job_completion_wait", "job_serializer", "ctx"):
+        assert option in signature.parameters, f"arq's Worker() no longer takes {option!r}"
+
+
+def test_the_job_payload_is_arqs_format() -> None:
+    """arq's run_job reads the entry FleetClient writes: function, args, kwargs, try, enqueue time."""
+    from arq.jobs import deserialize_job_raw
+
+    raw = queue.payload(endpoint="responses", request={"model": "m"}, tenant="t", enqueue_time_ms=123)
+    assert deserialize_job_raw(raw, deserializer=queue.deserialize) == (
+        queue.FUNCTION,
+        [],  # a tuple, as JSON
+        {"endpoint": "responses", "request": {"model": "m"}, "tenant": "t"},
+        None,
+        123,
+    )
