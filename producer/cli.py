@@ -1,4 +1,4 @@
-"""The ``streamfleet`` command line (CONTRACT section 6).
+"""The ``streamfleet`` command line (the README's "Using it").
 
 Exit codes of ``submit --follow``, ``tail`` and ``result``: 0 done, 1 error, 3 cancelled, 4 timed out
 waiting; 2 for a usage, input or configuration error, with one line on stderr saying what is wrong.

@@ -1,4 +1,4 @@
-"""The job and event models both sides agree on (the README's "Events" section).
+"""The job and event models both sides agree on (the README's "Events").
 
 Requests are validated once, at submit, and then forwarded as the caller wrote them: unknown OpenAI
 fields pass through untouched. Events and results are plain dicts on the hot path; the types here

@@ -1,4 +1,4 @@
-"""The ``streamfleet`` command line, run as a real process: output and exit codes (CONTRACT section 6)."""
+"""The ``streamfleet`` command line, run as a real process: output and exit codes (the README's "Using it")."""
 
 from __future__ import annotations
 

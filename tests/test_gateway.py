@@ -18,9 +18,7 @@ from shared.accumulate import delta_text
 from simulator import expected_text
 from tests.conftest import GatewayFactory, WorkerFactory, cli
 
-pytestmark = pytest.mark.split_roles
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.split_roles, pytest.mark.slow]
 
 
 def chat(prompt: str, **simulator: Any) -> dict[str, Any]:

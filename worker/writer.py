@@ -19,8 +19,7 @@ import asyncio
 import logging
 import time
 
-from shared.store import DeltaEncoder, StreamStore, Unavailable
-from shared.store.streams import Batch, Fields
+from shared.store import Batch, DeltaEncoder, Fields, StreamStore, Unavailable
 
 from . import metrics
 

@@ -1,4 +1,4 @@
-"""The HTTP gateway (the README's "HTTP gateway" section): the jobs API, OpenAI-compatible routes, health and metrics.
+"""The HTTP gateway (the README's "The HTTP gateway"): the jobs API, OpenAI-compatible routes, health and metrics.
 
 One ``FleetClient`` and one ``FanOut`` per process, made in the lifespan. Errors are JSON in
 OpenAI's shape, ``{"error": {"message", "type", "code"}}``: 4xx for what the caller sent wrong, 404

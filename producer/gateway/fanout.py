@@ -252,6 +252,10 @@ class FanOut:
         last event it got), ``StreamGone`` when the stream expired meanwhile, and ``ReadFailed``
         when its entries could not be read.
         """
+        if after != "0":
+            ended = await self.streams.ended_at(job_id)
+            if ended is not None and parse_id(ended) <= parse_id(after):
+                return  # resumed at or after the end: there is nothing more to wait for
         reader = self._reader_for(job_id)
         subscriber = Subscriber(job_id)
         # No await from here to the registration: the reader cannot move in between.

@@ -63,14 +63,16 @@ persistence restarted, an unreplicated failover): the orphan sweep (``worker.hea
 streams and ends them.
 """
 
-from .codec import DeltaEncoder, Entry, RawEntry, parse_cursor, parse_id
+from .codec import DeltaEncoder, Entry, Fields, RawEntry, parse_cursor, parse_id
 from .queue import QueueStore
 from .stores import StoreError, Stores, Unavailable, open_stores, stream_ttl_while_queued
-from .streams import Start, StreamReader, StreamStore
+from .streams import Batch, Start, StreamReader, StreamStore
 
 __all__ = [
+    "Batch",
     "DeltaEncoder",
     "Entry",
+    "Fields",
     "QueueStore",
     "RawEntry",
     "Start",

@@ -435,6 +435,11 @@ class StreamStore:
             lasts = await pipe.execute()
         return [last[0] if last else None for last in lasts]
 
+    async def ended_at(self, job_id: str) -> str | None:
+        """The id of the job's terminal event, ``None`` while it runs (or when it has no stream)."""
+        last = (await self.last_entries([job_id]))[0]
+        return last[0].decode() if last is not None and is_terminal(last[1]) else None
+
     async def length(self, job_id: str) -> int:
         """How many entries the job's stream holds."""
         return int(await self.redis.xlen(keys.events(job_id)))
