@@ -438,7 +438,9 @@ class FencedWorker(Worker):
         for job_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[job_id]
+                self._scores.pop(job_id, None)
                 if not task.cancelled() and task.exception() is not None:
+                    # arq would re-raise it here and end the worker; the job's lease lapses instead.
                     logger.error("job %s: arq's run_job failed", job_id, exc_info=task.exception())
         taken: list[tuple[str, int]] = []
         free = self.max_jobs - len(self.tasks)
