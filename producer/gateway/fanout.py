@@ -10,9 +10,10 @@ A subscriber joining a stream the reader already follows first replays what it m
 XRANGE reads up to the follow's position, then takes live events; duplicates are skipped by id.
 
 **Follows are objects.** A reader awaits Redis while subscribers come and go. What it read belongs to
-the ``_Follow`` it read for, and it delivers only if that follow is still the one in place: a
-stream whose last subscriber left during the await (and maybe got a new follow, from a new cursor)
-is never written back with a stale position.
+the ``_Follow`` it read for, and it delivers only if that follow is still the one in place (a follow
+made during a read did not ask for what that read returns): a stream whose last subscriber left
+during the await, and maybe got a new follow from a new cursor, is never written back with a stale
+position.
 
 **A reader survives its input.** An error that one stream's entries cause (a corrupt entry, a
 reference that cannot be fetched) ends that stream's subscribers, who may resume; the reader logs
@@ -90,11 +91,14 @@ class Subscriber:
 class _Follow:
     """One stream a reader follows: its position, its decoder, its subscribers."""
 
-    __slots__ = ("cursor", "decoder", "subscribers")
+    __slots__ = ("cursor", "decoder", "handle", "since", "subscribers")
 
-    def __init__(self, decoder: StreamReader, cursor: str) -> None:
+    def __init__(self, handle: str, decoder: StreamReader, cursor: str, since: int) -> None:
+        self.handle = handle
         self.decoder = decoder
         self.cursor = cursor
+        self.since = since
+        """The reader's read under way when this follow was made: that read is not for it."""
         self.subscribers: set[Subscriber] = set()
 
     def offer(self, entry: Entry) -> None:
@@ -110,16 +114,17 @@ class _Reader:
         self.wake = wake
         self.name = name
         self.follows: dict[str, _Follow] = {}  # job id -> what is followed
+        self.cursors: dict[str, str] = {}  # the follows' positions, as the XREAD takes them (kept, not rebuilt)
+        self.reads = 0
         self.stopping = False
 
     async def run(self) -> None:
         delay = 0.05
         while not self.stopping:
-            # What this read is for: a follow replaced while it blocks must not get its entries.
-            reading = dict(self.follows)
-            cursors = {job_id: follow.cursor for job_id, follow in reading.items()}
+            self.reads += 1
+            read = self.reads
             try:
-                found = await self.streams.follow(cursors, wake=self.wake, count=READ_COUNT, block_ms=BLOCK_MS)
+                found = await self.streams.follow(self.cursors, wake=self.wake, count=READ_COUNT, block_ms=BLOCK_MS)
                 delay = 0.05
             except Unavailable as exc:
                 if self.stopping:  # redis-py may turn the cancellation of a blocked read into this
@@ -132,8 +137,9 @@ class _Reader:
                 await self._check_gone(list(self.follows))
                 continue
             for job_id, entries in found:
-                follow = reading.get(job_id)
-                if follow is not None and self.follows.get(job_id) is follow:
+                follow = self.follows.get(job_id)
+                # A follow made during this read (after its stream's last one went) did not ask for these.
+                if follow is not None and follow.since < read:
                     await self._read(job_id, follow, entries)
 
     async def _read(self, job_id: str, follow: _Follow, raw: list[RawEntry]) -> None:
@@ -149,7 +155,7 @@ class _Reader:
             return
         if self.follows.get(job_id) is not follow:
             return  # its subscribers left while we decoded; a newer follow reads from its own cursor
-        follow.cursor = entries[-1].id
+        follow.cursor = self.cursors[follow.handle] = entries[-1].id
         for entry in entries:
             follow.offer(entry)
             if entry.terminal:
@@ -159,6 +165,7 @@ class _Reader:
     def forget(self, job_id: str, follow: _Follow) -> None:
         if self.follows.get(job_id) is follow:
             del self.follows[job_id]
+            del self.cursors[follow.handle]
 
     async def _check_gone(self, job_ids: list[str]) -> None:
         """On an idle timeout: streams that expired meanwhile will never send a terminal event."""
@@ -262,7 +269,9 @@ class FanOut:
         follow = reader.follows.get(job_id)
         joined = follow is None
         if follow is None:
-            follow = reader.follows[job_id] = _Follow(self.streams.reader(job_id), after)
+            handle = self.streams.handle(job_id)
+            follow = _Follow(handle, self.streams.reader(job_id), after, reader.reads)
+            reader.follows[job_id], reader.cursors[handle] = follow, after
         position = follow.cursor
         follow.subscribers.add(subscriber)
         try:

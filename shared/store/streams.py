@@ -360,13 +360,20 @@ class StreamStore:
         response = await self.redis.xread({keys.events(job_id): after}, count=count, block=block_ms)
         return response[0][1] if response else []
 
+    def handle(self, job_id: str) -> str:
+        """What ``follow`` knows a job's stream by."""
+        return keys.events(job_id)
+
     async def follow(
         self, cursors: dict[str, str], *, wake: Wake, count: int, block_ms: int
     ) -> list[tuple[str, list[RawEntry]]]:
         """One blocked XREAD over many jobs' streams and a wake-up stream: ``(job id, entries)`` of the
-        jobs that have new entries after their cursor. A write to ``wake`` ends the wait early."""
-        request: dict[Any, Any] = {keys.events(job_id): cursor for job_id, cursor in cursors.items()}
-        request[wake.key] = wake.cursor
+        jobs that have new entries after their cursor. A write to ``wake`` ends the wait early.
+
+        :param cursors: each stream's position, by its ``handle`` (a reader keeps this map as it
+            goes: with thousands of streams, rebuilding it for every read would cost more than the read).
+        """
+        request: dict[Any, Any] = {**cursors, wake.key: wake.cursor}
         response = await self.redis.xread(request, count=count, block=block_ms)
         found: list[tuple[str, list[RawEntry]]] = []
         for raw_key, entries in response or ():
