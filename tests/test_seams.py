@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,7 +22,16 @@ from producer.gateway.fanout import FanOut
 from shared.models import CANCELLED, DONE, ERROR, STARTED
 from shared.store import Entry, RawEntry, StreamReader, StreamStore, keys
 from simulator import expected_text
-from tests.conftest import FIXTURES, ROOT, GatewayFactory, Simulator, WorkerFactory, wait_until
+from tests.conftest import (
+    ROOT,
+    GatewayFactory,
+    Simulator,
+    WorkerFactory,
+    free_port,
+    port_open,
+    stop_process,
+    wait_until,
+)
 from tests.test_failures import chat, history
 from tests.test_fixtures import oracle_events
 
@@ -238,29 +248,47 @@ async def test_a_stream_whose_job_the_queue_lost_is_ended_by_the_sweep(
     assert (await fleet.result(running, timeout=20))["text"] == expected_text(slow)
 
 
+SPACED = (
+    b'data: {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": '
+    b'"caf\\u00e9"}, "finish_reason": null}], "p": 1e-06, "n": 123456789012345678901234}\n\n'
+    b'data: {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {},\n'
+    b'data:   "finish_reason": "stop"}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+"""Chunks as some servers write them: spaced, an escaped character, an exponent, a 24-digit integer,
+one chunk across two ``data:`` lines. Decoding and encoding again would change every one."""
+
+
 async def test_the_gateway_forwards_the_stored_bytes_and_its_wake_streams_expire(
-    start_gateway: GatewayFactory, start_worker: WorkerFactory, stream_redis: redis.Redis
+    start_gateway: GatewayFactory,
+    start_worker: WorkerFactory,
+    stream_redis: redis.Redis,
+    tmp_path: Path,
+    fleet_env: dict[str, str],
 ) -> None:
-    """An event goes out as the upstream's bytes (key order, spacing, 20-digit integers untouched),
-    with no decode and re-encode in between; the fan-out's wake-up streams do not outlive it."""
-    start_worker()
-    gateway = start_gateway()
-    recording = "openai-chat-gpt4o-content-logprobs.sse"
-    raws = [
-        event.data.encode() for event in oracle_events((FIXTURES / recording).read_bytes()) if event.data != "[DONE]"
-    ]
-    async with httpx.AsyncClient(base_url=gateway, timeout=30) as client:
-        body = {
-            "request": {
-                "model": "sim",
-                "messages": [{"role": "user", "content": "x"}],
-                "simulator": {"replay": recording},
-            }
+    """An event goes out as the upstream's bytes, with no decode and re-encode in between; the fan-out's
+    wake-up streams do not outlive it."""
+    (tmp_path / "spaced.sse").write_bytes(SPACED)
+    port = free_port()
+    upstream = subprocess.Popen([sys.executable, "-m", "simulator", "--port", str(port), "--replay-dir", str(tmp_path)])
+    try:
+        wait_until(lambda: port_open(port), what="the upstream")
+        start_worker(env={"STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{port}/v1"})
+        gateway = start_gateway()
+        request = {
+            "model": "sim",
+            "messages": [{"role": "user", "content": "x"}],
+            "simulator": {"replay": "spaced.sse"},
         }
-        job_id = (await client.post("/v1/jobs", json=body)).json()["id"]
-        async with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
-            raw = await response.aread()
-    deltas = [block.split(b"\ndata: ")[1] for block in raw.split(b"\n\n") if b"\nevent: delta\n" in block]
-    assert deltas == [b'{"attempt":1,"chunk":' + chunk + b"}" for chunk in raws]
+        async with httpx.AsyncClient(base_url=gateway, timeout=30) as client:
+            job_id = (await client.post("/v1/jobs", json={"request": request})).json()["id"]
+            async with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+                raw = await response.aread()
+    finally:
+        stop_process(upstream)
+    frames = [block for block in raw.split(b"\n\n") if b"\nevent: delta\n" in block]
+    data = [b"\n".join(line[6:] for line in frame.split(b"\n") if line.startswith(b"data: ")) for frame in frames]
+    chunks = [event.data.encode() for event in oracle_events(SPACED) if event.data != "[DONE]"]
+    assert data == [b'{"attempt":1,"chunk":' + chunk + b"}" for chunk in chunks]
     wakes = list(stream_redis.scan_iter(match="sf:gateway:*"))
     assert wakes and all(0 < stream_redis.ttl(key) <= 600 for key in wakes)
