@@ -18,9 +18,10 @@ import uvloop
 
 from shared import embedded, jsonutil, logs
 from shared.accumulate import delta_text
-from shared.errors import StreamfleetError
+from shared.errors import ConfigurationError, StreamfleetError
 from shared.models import CANCELLED, DELTA, DONE, ERROR, RETRY, Event
-from shared.settings import Settings
+from shared.settings import Settings, hide_password, load_settings
+from shared.store import StoreError, Unavailable, parse_cursor
 
 from . import launch
 from .client import FleetClient
@@ -49,16 +50,18 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
 
 def settings() -> Settings:
     try:
-        return Settings()
-    except Exception as exc:
-        raise fail(f"invalid settings: {str(exc).splitlines()[0]}") from None
+        return load_settings()
+    except ConfigurationError as exc:
+        raise fail(f"invalid settings: {exc}") from None
 
 
 def run(work: Callable[[FleetClient], Awaitable[T]]) -> T:
-    """Run ``work`` with a connected client; streamfleet's own errors become exit code 2."""
+    """Run ``work`` with a connected client; streamfleet's own errors and an unreachable Redis become
+    exit code 2 with one line."""
+    current = settings()
 
     async def main() -> T:
-        async with FleetClient(settings()) as fleet:
+        async with FleetClient(current) as fleet:
             return await work(fleet)
 
     try:
@@ -67,6 +70,16 @@ def run(work: Callable[[FleetClient], Awaitable[T]]) -> T:
         raise fail(str(exc)) from None
     except TimeoutError as exc:
         raise fail(str(exc), EXIT_TIMEOUT) from None
+    except Unavailable as exc:
+        raise fail(f"cannot reach Redis ({redacted(current)}): {exc}") from None
+    except StoreError as exc:
+        raise fail(f"Redis refused a command ({redacted(current)}): {exc}") from None
+
+
+def redacted(current: Settings) -> str:
+    """The Redis URLs of the settings, passwords hidden."""
+    urls = [current.redis_url, *([current.stream_redis_url] if current.stream_redis_url else [])]
+    return ", ".join(hide_password(url) for url in urls)
 
 
 class TextPrinter:
@@ -167,6 +180,10 @@ def tail(
     events: Annotated[bool, typer.Option("--events", help="One event per line, as JSON.")] = False,
 ) -> None:
     """Print a job's text as it arrives (or its events); end after the terminal event."""
+    try:
+        parse_cursor(after)
+    except StreamfleetError as exc:
+        raise fail(str(exc)) from None
     show: Callable[[Event], None] = print_event if events else TextPrinter()
     raise typer.Exit(run(lambda fleet: follow(fleet, job, after, show)))
 
@@ -174,7 +191,7 @@ def tail(
 @app.command()
 def result(
     job: Annotated[str, typer.Argument(help="The job id.")],
-    timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.", min=0)] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the terminal event's data as JSON.")] = False,
 ) -> None:
     """Wait for a job to end; print its text (or, with --json, the terminal event's data)."""

@@ -22,12 +22,30 @@ from shared import jsonutil
 from shared.errors import InvalidRequest, JobCancelled, JobFailed, StreamfleetError, UnknownJob
 from shared.models import CANCELLED, DELTA, DONE, ERROR, QUEUED, RETRY, Event, Result, queued_data, validate_request
 from shared.settings import Settings
-from shared.store import Entry, Stores, Unavailable, open_stores, parse_cursor, parse_id, queue, stream_ttl_while_queued
+from shared.store import (
+    Entry,
+    Stores,
+    Unavailable,
+    format_id,
+    open_stores,
+    parse_cursor,
+    parse_id,
+    queue,
+    stream_ttl_while_queued,
+)
 from shared.store.connect import BLOCK_MS
 
 logger = logging.getLogger(__name__)
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_JOB_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def check_job_id(job_id: str) -> None:
+    """``UnknownJob`` for a string that cannot be a job id (before it reaches a key)."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise UnknownJob(job_id)
+
+
 READ_COUNT = 1000
 
 
@@ -115,8 +133,8 @@ class FleetClient:
                 f"the request is {size} bytes; the limit is {self.settings.max_request_bytes} "
                 "(STREAMFLEET_MAX_REQUEST_BYTES)"
             )
-        if idempotency_key is not None and not (0 < len(idempotency_key) <= 256):
-            raise InvalidRequest("an idempotency key must be 1 to 256 characters")
+        if idempotency_key is not None and not (0 < len(idempotency_key) <= 256 and idempotency_key.isprintable()):
+            raise InvalidRequest("an idempotency key must be 1 to 256 printable characters")
         stores = self.stores
         job_id = "job_" + uuid.uuid4().hex
         now_ms = int(time.time() * 1000)
@@ -145,8 +163,7 @@ class FleetClient:
         return (await self._last(job_id)).event()
 
     async def _last(self, job_id: str) -> Entry:
-        if not _JOB_ID.match(job_id):
-            raise UnknownJob(job_id)
+        check_job_id(job_id)
         last = await self.stores.streams.last(job_id)
         if last is None:
             raise UnknownJob(job_id)
@@ -161,6 +178,7 @@ class FleetClient:
         void (its ``retry`` is in the same read) are left out; the ``retry`` itself is yielded.
         """
         position = parse_cursor(after)
+        after = format_id(position)
         last = await self.last_event(job_id)
         if last.terminal and parse_id(last.id) <= position:
             return
@@ -229,8 +247,7 @@ class FleetClient:
         :returns: ``"cancelled"`` (it was still queued and has ended), ``"signalled"`` (its worker
             ends it now) or ``"ended"`` (it had already ended).
         """
-        if not _JOB_ID.match(job_id):
-            raise UnknownJob(job_id)
+        check_job_id(job_id)
         stores = self.stores
         outcome = await stores.streams.cancel(job_id)
         if outcome == "unknown":

@@ -7,6 +7,7 @@ describe them.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final, Literal, NamedTuple, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,7 +26,9 @@ ERROR: Final = "error"
 CANCELLED: Final = "cancelled"
 TERMINAL_TYPES: Final = frozenset({DONE, ERROR, CANCELLED})
 
-ErrorType = Literal["upstream_error", "upstream_unreachable", "timeout", "invalid_request", "worker_lost", "internal"]
+ErrorType = Literal[
+    "upstream_error", "upstream_unreachable", "timeout", "invalid_request", "worker_lost", "storage_full", "internal"
+]
 
 
 class Error(TypedDict):
@@ -123,4 +126,25 @@ def validate_request(request: Any, endpoint: str) -> dict[str, Any]:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "request"
         raise InvalidRequest(f"invalid {endpoint} request: {where}: {first['msg']}") from None
+    _check_json(request)
     return request
+
+
+def _check_json(value: Any) -> None:
+    """What ``shared.jsonutil`` refuses when it reads, refused here for a request built in Python:
+    ``NaN`` and ``Infinity`` (orjson would write them as ``null``), and nesting past ``MAX_DEPTH``."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidRequest(f"the request is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise InvalidRequest(f"the request holds {item!r}, which is not JSON")
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend((child, depth + 1) for child in item)
+
+
+MAX_DEPTH: Final = 512
+"""Deepest nesting a request may have (what jsonutil reads is bounded near 1,000 levels)."""

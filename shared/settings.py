@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .errors import ConfigurationError
 
 EMBEDDED = "embedded"
 
@@ -100,6 +103,10 @@ class Settings(BaseSettings):
     # Gateway tuning.
     gateway_ping_seconds: float = Field(default=15, gt=0)
     """How often an idle SSE response gets a ``: ping`` comment."""
+    gateway_max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    """Largest request line and headers of one request, together (a 431 past it)."""
+    gateway_max_headers: int = Field(default=100, ge=8)
+    """Most headers one request may carry (a 431 past it)."""
 
     # Client tuning.
     max_request_bytes: int = Field(default=1_000_000, gt=0)
@@ -122,6 +129,46 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         return value if value else None
 
+    @field_validator("redis_url", "stream_redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or value == EMBEDDED:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
+            raise ValueError(f"a Redis URL is redis://host:port, rediss://host:port or unix:///path, not {value!r}")
+        return value
+
+    @field_validator("upstream_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the upstream base URL must be http:// or https:// with a host, not {value!r}")
+        return value
+
     @property
     def uses_embedded_redis(self) -> bool:
         return self.redis_url == EMBEDDED
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The settings from the environment (and ``.env``), or ``ConfigurationError`` naming the first
+    variable that is wrong, in one line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "settings"
+        variable = name if name.isupper() else "STREAMFLEET_" + name.upper()  # an alias is the variable itself
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigurationError(f"{variable}: {message}") from None
+
+
+def hide_password(url: str) -> str:
+    """A URL fit for a log line or an error message: its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

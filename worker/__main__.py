@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from shared import logs
-from shared.settings import Settings
+from shared.errors import ConfigurationError
+from shared.settings import load_settings
 
 from .main import run
 
@@ -16,7 +18,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /livez, /readyz here")
     args = parser.parse_args(argv)
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        print(f"streamfleet: invalid settings: {exc}", file=sys.stderr)
+        sys.exit(2)
     logs.configure(settings.log_format)
     run(
         settings,

@@ -12,6 +12,7 @@ from shared.errors import ConfigurationError
 from shared.settings import Settings
 
 from .app import create_app
+from .limits import bounded
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> N
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=bounded(max_head_bytes=settings.gateway_max_header_bytes, max_headers=settings.gateway_max_headers),
         log_level="warning",
         log_config=None,  # uvicorn's lines go through the process's own (JSON) logging
         access_log=False,

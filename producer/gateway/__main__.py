@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from shared import logs
-from shared.settings import Settings
+from shared.errors import ConfigurationError
+from shared.settings import load_settings
 
 from . import serve
 
@@ -14,6 +16,10 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        print(f"streamfleet: invalid settings: {exc}", file=sys.stderr)
+        sys.exit(2)
     logs.configure(settings.log_format)
     serve(settings, host=args.host, port=args.port)

@@ -39,7 +39,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Final
 
-from shared.store import Entry, RawEntry, StreamReader, StreamStore, Unavailable, parse_id
+from shared.store import Entry, RawEntry, StreamReader, StreamStore, Unavailable, format_id, parse_cursor, parse_id
 from shared.store.connect import BLOCK_MS
 from shared.store.streams import Wake
 
@@ -133,6 +133,10 @@ class _Reader:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
+            except Exception:
+                logger.exception("fan-out %s: the shared read failed; looking for the stream that caused it", self.name)
+                await self._isolate()
+                continue
             if not found:
                 await self._check_gone(list(self.follows))
                 continue
@@ -161,6 +165,21 @@ class _Reader:
             if entry.terminal:
                 self.forget(job_id, follow)
                 return
+
+    async def _isolate(self) -> None:
+        """After a shared read failed for a reason other than the connection: read each stream on its
+        own, once, and end the subscribers of those that fail, so one stream never stops the others."""
+        for job_id, follow in list(self.follows.items()):
+            try:
+                await self.streams.follow({follow.handle: follow.cursor}, wake=self.wake, count=1, block_ms=None)
+            except Unavailable:
+                return  # the next shared read waits for Redis
+            except Exception as exc:
+                logger.warning(
+                    "fan-out %s: job %s's stream cannot be read (%s); its subscribers are ended", self.name, job_id, exc
+                )
+                follow.offer(_FAILED)
+                self.forget(job_id, follow)
 
     def forget(self, job_id: str, follow: _Follow) -> None:
         if self.follows.get(job_id) is follow:
@@ -259,7 +278,8 @@ class FanOut:
         last event it got), ``StreamGone`` when the stream expired meanwhile, and ``ReadFailed``
         when its entries could not be read.
         """
-        if after != "0":
+        after = format_id(parse_cursor(after))  # a cursor Redis would refuse never reaches a shared read
+        if after != "0-0":
             ended = await self.streams.ended_at(job_id)
             if ended is not None and parse_id(ended) <= parse_id(after):
                 return  # resumed at or after the end: there is nothing more to wait for

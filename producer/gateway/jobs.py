@@ -11,15 +11,16 @@ from pydantic import BaseModel, Field
 from starlette.responses import StreamingResponse
 
 from shared.models import DELTA
-from shared.store import Entry
+from shared.store import Entry, format_id
 from shared.store import parse_cursor as check_cursor
 
 from . import metrics
+from .bodies import StrictJSONRoute
 from .fanout import ReadFailed, SlowSubscriber, StreamGone
 from .sse import PING, frame, sse_response
 from .state import Gateway, gateway_of
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
 
 
 class JobSubmission(BaseModel):
@@ -75,8 +76,7 @@ def parse_cursor(value: str | None) -> str:
     ``InvalidRequest`` (a 400), never a silent full replay."""
     if value is None or value == "":
         return "0"
-    check_cursor(value)
-    return value
+    return format_id(check_cursor(value))
 
 
 async def status_of(gateway: Gateway, job_id: str) -> JobStatus:

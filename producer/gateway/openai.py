@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from shared import jsonutil
@@ -28,6 +28,7 @@ from shared.models import CANCELLED, DELTA, DONE, ERROR, RETRY
 from shared.store import Entry
 
 from . import metrics
+from .bodies import json_object
 from .fanout import ReadFailed, SlowSubscriber, StreamGone
 from .sse import PING, frame, sse_response
 from .state import Gateway, gateway_of
@@ -35,16 +36,6 @@ from .state import Gateway, gateway_of
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 JOB_HEADER = "X-Streamfleet-Job-Id"
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    try:
-        body = jsonutil.loads(await request.body())
-    except ValueError:
-        raise HTTPException(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise HTTPException(400, "the request body must be a JSON object")
-    return body
 
 
 def _error_payload(error: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +96,7 @@ async def chat_completions(
     """Run a Chat Completions request as a fleet job; ``stream: true`` answers as OpenAI does."""
     gateway = gateway_of(request)
     tenant = gateway.auth.tenant(request)
-    body = await _json_body(request)
+    body = await json_object(request)
     job_id = await gateway.fleet.submit(
         body, endpoint="chat.completions", idempotency_key=idempotency_key, tenant=tenant
     )
@@ -190,7 +181,7 @@ async def create_response(
     """Run a Responses API request as a fleet job; ``background: true`` answers at once."""
     gateway = gateway_of(request)
     tenant = gateway.auth.tenant(request)
-    body = await _json_body(request)
+    body = await json_object(request)
     background = bool(body.get("background"))
     upstream = {key: value for key, value in body.items() if key != "background"}  # the fleet is the background
     job_id = await gateway.fleet.submit(upstream, endpoint="responses", idempotency_key=idempotency_key, tenant=tenant)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 
 from shared.errors import UnknownJob
 from shared.settings import Settings
 
-from ..client import FleetClient
+from ..client import FleetClient, check_job_id
 from .auth import Auth
 from .fanout import FanOut
 
@@ -24,10 +24,11 @@ class Gateway:
     async def job_for(self, request: Request, job_id: str) -> str | None:
         """Check the caller may see ``job_id``; return its tenant. Another tenant's job is a 404."""
         tenant = self.auth.tenant(request)
+        check_job_id(job_id)
         if not await self.fleet.stores.streams.exists(job_id):  # no need to read (and decode) an event
             raise UnknownJob(job_id)
         if tenant is not None and await self.fleet.tenant_of(job_id) != tenant:
-            raise HTTPException(404, f"unknown job id {job_id!r}")
+            raise UnknownJob(job_id)  # word for word what a job that never existed gets
         return tenant
 
 

@@ -63,7 +63,7 @@ persistence restarted, an unreplicated failover): the orphan sweep (``worker.hea
 streams and ends them.
 """
 
-from .codec import DeltaEncoder, Entry, Fields, RawEntry, parse_cursor, parse_id
+from .codec import DeltaEncoder, Entry, Fields, RawEntry, format_id, parse_cursor, parse_id
 from .queue import QueueStore
 from .stores import StoreError, Stores, Unavailable, open_stores, stream_ttl_while_queued
 from .streams import Batch, Start, StreamReader, StreamStore
@@ -81,6 +81,7 @@ __all__ = [
     "StreamReader",
     "StreamStore",
     "Unavailable",
+    "format_id",
     "open_stores",
     "parse_cursor",
     "parse_id",

@@ -68,14 +68,25 @@ def is_terminal(fields: Fields) -> bool:
     return fields[T] in _TERMINAL_KINDS
 
 
-_CURSOR: Final = re.compile(r"^\d+(-\d+)?$")
+_CURSOR: Final = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+_ID_MAX: Final = 2**64 - 1
 
 
 def parse_cursor(after: str) -> Position:
-    """A cursor a reader gave (``"0"`` or an entry id), checked; ``InvalidRequest`` if it is not one."""
-    if not _CURSOR.match(after):
-        raise InvalidRequest(f"invalid event id {after!r}: expected '0' or a stream id like '1700000000000-0'")
-    return parse_id(after)
+    """A cursor a reader gave (``"0"`` or an entry id), checked exactly as Redis would take it: ASCII
+    digits, each part at most 2**64 - 1; anything else is ``InvalidRequest``. The one check every
+    reader's cursor goes through (client, CLI, gateway), so that no cursor Redis refuses reaches a
+    command that serves other readers."""
+    match = _CURSOR.fullmatch(after) if isinstance(after, str) else None
+    if match is None or int(match[1]) > _ID_MAX or (match[2] is not None and int(match[2]) > _ID_MAX):
+        shown = after if isinstance(after, str) and len(after) <= 64 else f"{str(after)[:64]}..."
+        raise InvalidRequest(f"invalid event id {shown!r}: expected '0' or a stream id like '1700000000000-0'")
+    return int(match[1]), int(match[2] or 0)
+
+
+def format_id(position: Position) -> str:
+    """An entry id from ``(milliseconds, sequence)``."""
+    return f"{position[0]}-{position[1]}"
 
 
 def parse_id(entry_id: bytes | str) -> Position:

@@ -4,12 +4,10 @@ every process."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 
 from .. import embedded
-from ..errors import ConfigurationError
 from ..settings import EMBEDDED, Settings
 
 SOCKET_TIMEOUT_S = 15.0
@@ -18,25 +16,19 @@ BLOCK_MS = 5_000
 """How long a reader blocks in one XREAD before it checks on the job and blocks again."""
 
 
-def _checked(url: str, variable: str, settings: Settings) -> str:
-    if url == EMBEDDED:
-        return embedded.ensure(settings.state_dir).url
-    scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigurationError(f"{variable} must start with redis://, rediss:// or unix://, not {scheme or '(none)'}")
-    return url
+def _resolved(url: str, settings: Settings) -> str:
+    """A URL from the settings (checked there), or the embedded server's (started if need be)."""
+    return embedded.ensure(settings.state_dir).url if url == EMBEDDED else url
 
 
 def queue_url(settings: Settings) -> str:
-    """The queue's Redis URL: the configured one, or the embedded server's (started if need be)."""
-    return _checked(settings.redis_url, "STREAMFLEET_REDIS_URL", settings)
+    """The queue's Redis URL."""
+    return _resolved(settings.redis_url, settings)
 
 
 def stream_url(settings: Settings) -> str:
     """The stream store's Redis URL: its own setting, else the queue's."""
-    if settings.stream_redis_url is None:
-        return queue_url(settings)
-    return _checked(settings.stream_redis_url, "STREAMFLEET_STREAM_REDIS_URL", settings)
+    return _resolved(settings.stream_redis_url or settings.redis_url, settings)
 
 
 def pool(url: str, *, max_connections: int | None = None, name: str | None = None) -> ConnectionPool:

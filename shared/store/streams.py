@@ -365,7 +365,7 @@ class StreamStore:
         return keys.events(job_id)
 
     async def follow(
-        self, cursors: dict[str, str], *, wake: Wake, count: int, block_ms: int
+        self, cursors: dict[str, str], *, wake: Wake, count: int, block_ms: int | None
     ) -> list[tuple[str, list[RawEntry]]]:
         """One blocked XREAD over many jobs' streams and a wake-up stream: ``(job id, entries)`` of the
         jobs that have new entries after their cursor. A write to ``wake`` ends the wait early.
