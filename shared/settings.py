@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=0.5, ge=0)
     """First retry delay; it doubles each attempt (with jitter), up to ``retry_max_seconds``."""
     retry_max_seconds: float = Field(default=10, ge=0)
+    upstream_max_event_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    """Longest SSE line, and most data in one event, an upstream may send (past it: a final error)."""
+    upstream_max_header_bytes: int = Field(default=64 * 1024, ge=4096)
+    """Most bytes an upstream's status line and headers may take, together."""
     max_stream_events: int = Field(default=200_000, gt=0)
     """A runaway stream ends in an error after this many upstream events."""
     lease_seconds: float = Field(default=5, gt=0)

@@ -9,6 +9,9 @@ ASCII CR and LF are looked for.
 Handled: ``data:`` lines joined with LF across a multi-line event, ``event:``, ``id:``, ``retry:``,
 comment lines (``: ping``, ``: OPENROUTER PROCESSING``), LF, CRLF and lone CR line ends, a space after
 the colon or none, and a final event flushed at end of stream.
+
+Bounded: a line, and an event's data, longer than ``max_event_bytes`` raise ``SSETooLarge``; a line
+that arrives over many reads is kept as its pieces and joined once, so its cost is linear.
 """
 
 from __future__ import annotations
@@ -28,20 +31,43 @@ class SSEEvent(NamedTuple):
     retry: int | None = None
 
 
+class SSETooLarge(ValueError):
+    """A line or an event is longer than the parser's bound."""
+
+
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+
+
 class SSEParser:
-    """Incremental parser: ``feed`` it network reads, then ``close`` it at end of stream."""
+    """Incremental parser: ``feed`` it network reads, then ``close`` it at end of stream.
 
-    __slots__ = ("_buffer", "_data", "_event", "_id", "_retry")
+    :param max_event_bytes: the longest line, and the most data one event may carry.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buffer", "_data", "_data_bytes", "_event", "_id", "_max", "_pending", "_pending_bytes", "_retry")
+
+    def __init__(self, *, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._max = max_event_bytes
         self._buffer = b""
+        self._pending: list[bytes] = []  # reads of a line that has not ended yet
+        self._pending_bytes = 0
         self._data: list[bytes] = []
+        self._data_bytes = 0
         self._event: str | None = None
         self._id: str | None = None
         self._retry: int | None = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Parse one network read; return the events it completed, in order."""
+        if b"\n" not in chunk and b"\r" not in chunk and not self._buffer.endswith(b"\r"):
+            if len(chunk) + self._pending_bytes + len(self._buffer) > self._max:
+                raise SSETooLarge(f"the upstream sent a line of over {self._max} bytes")
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
+            return []
+        if self._pending:
+            chunk = b"".join((self._buffer, *self._pending, chunk))
+            self._buffer, self._pending, self._pending_bytes = b"", [], 0
         buffer = self._buffer + chunk if self._buffer else chunk
         if b"\r" in buffer:
             # A CR at the very end may be the first half of a CRLF split across reads: keep it back.
@@ -53,10 +79,12 @@ class SSEParser:
                 buffer += b"\r"
         lines = buffer.split(b"\n")
         self._buffer = lines.pop()
+        if len(self._buffer) > self._max:
+            raise SSETooLarge(f"the upstream sent a line of over {self._max} bytes")
         events: list[SSEEvent] = []
         for line in lines:
             if line[:6] == b"data: ":  # the common case, without a call
-                self._data.append(line[6:])
+                self._add_data(line[6:])
                 continue
             event = self._line(line)
             if event is not None:
@@ -66,7 +94,8 @@ class SSEParser:
     def close(self) -> list[SSEEvent]:
         """End of stream: flush a last line and a last event that had no closing blank line."""
         events: list[SSEEvent] = []
-        rest, self._buffer = self._buffer.rstrip(b"\r"), b""
+        rest = b"".join((self._buffer, *self._pending)).rstrip(b"\r")
+        self._buffer, self._pending, self._pending_bytes = b"", [], 0
         if rest:
             event = self._line(rest)
             if event is not None:
@@ -85,7 +114,7 @@ class SSEParser:
         if colon and value[:1] == b" ":
             value = value[1:]
         if name == b"data":
-            self._data.append(value)
+            self._add_data(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
         elif name == b"id":
@@ -95,6 +124,12 @@ class SSEParser:
             self._retry = int(value)
         return None
 
+    def _add_data(self, value: bytes) -> None:
+        self._data_bytes += len(value) + 1
+        if self._data_bytes > self._max:
+            raise SSETooLarge(f"the upstream sent an event of over {self._max} bytes")
+        self._data.append(value)
+
     def _dispatch(self) -> SSEEvent | None:
         if not self._data:
             self._event = None
@@ -102,6 +137,7 @@ class SSEParser:
         data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
         event = SSEEvent(data, self._event, self._id, self._retry)
         self._data = []
+        self._data_bytes = 0
         self._event = None
         self._retry = None
         return event

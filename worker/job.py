@@ -27,7 +27,15 @@ from shared.store import DeltaEncoder, Start, Unavailable, stream_ttl_while_queu
 
 from . import metrics, supervisor
 from .runtime import Runtime
-from .upstream import DONE_MARKER, UpstreamError, UpstreamHTTPError, UpstreamStreamError, UpstreamTimeout, stream_error
+from .upstream import (
+    DONE_MARKER,
+    UpstreamError,
+    UpstreamHTTPError,
+    UpstreamStreamError,
+    UpstreamTimeout,
+    scrub,
+    stream_error,
+)
 from .writer import BACKLOG_LIMIT
 
 logger = logging.getLogger(__name__)
@@ -190,6 +198,8 @@ class Job:
 
     async def _stream(self, watch: supervisor.Watch) -> tuple[str, dict[str, Any]]:
         writer, encoder, accumulator = self.runtime.writer, self.encoder, self.accumulator
+        secrets = self.runtime.upstream.secrets
+        secret_bytes = [secret.encode() for secret in secrets]
         assert encoder is not None and accumulator is not None
         limit = self.settings.max_stream_events
         in_stream_error: UpstreamError | None = None
@@ -201,13 +211,23 @@ class Job:
                     now = watch.last_event = time.monotonic()
                     if event.data == DONE_MARKER:
                         break
+                    data = event.data
                     try:
-                        chunk = jsonutil.loads(event.data)
-                    except ValueError:
-                        raise UpstreamStreamError(
-                            make_error("upstream_error", "the upstream sent data that is not JSON")
-                        ) from None
-                    self.pending = writer.append(encoder, *encoder.delta(event.data))
+                        chunk = jsonutil.loads(data)
+                    except ValueError as exc:
+                        message = f"the upstream sent data that is not JSON: {str(exc)[:100]}"
+                        raise UpstreamStreamError(make_error("upstream_error", message)) from None
+                    # An error inside the stream is final, but what the upstream sends after it
+                    # (OpenAI's response.failed) is still published: the job ends when the stream does.
+                    error = stream_error(event, chunk, secrets)
+                    if error is not None:
+                        in_stream_error = in_stream_error or error
+                        clean = scrub(chunk, secrets)  # an error may echo credentials: never stored
+                        if clean != chunk:
+                            chunk, data = clean, jsonutil.dumps(clean)
+                    elif secrets and any(secret in data for secret in secret_bytes):
+                        chunk, data = scrub(chunk, secrets), jsonutil.dumps(scrub(chunk, secrets))
+                    self.pending = writer.append(encoder, *encoder.delta(data))
                     if self.deltas:
                         metrics.INTER_TOKEN.observe(now - last)
                     else:
@@ -217,9 +237,6 @@ class Job:
                     self.deltas += 1
                     metrics.DELTAS.inc()
                     accumulator.add(chunk, event.event)
-                    # An error inside the stream is final, but what the upstream sends after it
-                    # (OpenAI's response.failed) is still published: the job ends when the stream does.
-                    in_stream_error = in_stream_error or stream_error(event, chunk)
                     if encoder.fenced:
                         raise Fenced
                     if self.deltas >= limit:

@@ -34,6 +34,7 @@ import httptools
 import httpx
 
 PAUSE_BYTES = 256 * 1024  # stop reading the socket while this much is buffered and unread
+MAX_HEAD_BYTES = 64 * 1024  # status line and headers of a response, together
 HAPPY_EYEBALLS_S = 0.25  # RFC 8305's connection attempt delay
 LINGER_S = 2.0  # how long a finished reader's connection may take to end its body before it is closed
 RELEASE_AFTER_BODY = "streamfleet.release_after_body"
@@ -45,8 +46,9 @@ Origin = tuple[str, str, int]
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection; the parser's callbacks fill the state one response is read from."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES) -> None:
         self.transport: asyncio.Transport | None = None
+        self.max_head_bytes = max_head_bytes
         self.closed = False
         self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
@@ -65,6 +67,7 @@ class _Connection(asyncio.Protocol):
         self._interim = False
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
+        self._head_bytes = 0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -72,6 +75,8 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        if not self.headers_done:
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -80,6 +85,11 @@ class _Connection(asyncio.Protocol):
             return
         except httptools.HttpParserError as exc:
             self._fail(httpx.RemoteProtocolError(f"the upstream sent invalid HTTP: {exc}"))
+            self.close()
+            return
+        if not self.headers_done and self._head_bytes > self.max_head_bytes:
+            # httptools buffers an unfinished head without end: bounded here, a read at a time.
+            self._fail(httpx.RemoteProtocolError(f"the upstream sent over {self.max_head_bytes} bytes of headers"))
             self.close()
             return
         if self._buffered > PAUSE_BYTES and not self._paused and self.transport is not None:
@@ -198,7 +208,8 @@ class StreamingTransport(httpx.AsyncBaseTransport):
     :param max_idle_per_origin: keep-alive connections kept per origin between requests.
     :param keepalive_expiry: seconds an idle connection may wait for reuse (httpx's default, 5):
         load balancers and NATs drop idle connections without a word, and a request sent on one of
-        those would wait for the first-byte timeout."""
+        those would wait for the first-byte timeout.
+    :param max_head_bytes: the most a response's status line and headers may take, together."""
 
     def __init__(
         self,
@@ -206,8 +217,10 @@ class StreamingTransport(httpx.AsyncBaseTransport):
         ssl_context: ssl.SSLContext | None = None,
         max_idle_per_origin: int = 100,
         keepalive_expiry: float = 5.0,
+        max_head_bytes: int = MAX_HEAD_BYTES,
     ) -> None:
         self._ssl_context = ssl_context
+        self._max_head_bytes = max_head_bytes
         self._max_idle = max_idle_per_origin
         self._expiry = keepalive_expiry
         self._idle: dict[Origin, list[_Connection]] = {}
@@ -298,7 +311,7 @@ class StreamingTransport(httpx.AsyncBaseTransport):
 
         async def attempt(address: str) -> _Connection:
             _, connection = await loop.create_connection(
-                _Connection, address, port, ssl=tls, server_hostname=host if tls else None
+                lambda: _Connection(self._max_head_bytes), address, port, ssl=tls, server_hostname=host if tls else None
             )
             made.append(connection)
             return connection

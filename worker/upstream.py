@@ -6,14 +6,23 @@ Errors are sorted where behaviour splits:
     ├── UpstreamHTTPError       a non-2xx answer (408, 409, 429 and 5xx are retryable)
     ├── UpstreamUnreachable     connecting failed (retryable)
     ├── UpstreamTimeout         no byte within the read timeout, before or between chunks (retryable)
-    ├── UpstreamCut             the body broke off mid-stream (retryable)
-    └── UpstreamStreamError     the upstream reported an error inside the stream (final)
+    ├── UpstreamCut             the body broke off mid-stream, or ended before any event (retryable)
+    └── UpstreamStreamError     the upstream reported an error inside the stream, or sent what is not
+                                an event stream: another content type, a line or event over the bound,
+                                a body that inflates past it (final)
+
+What an upstream says in an error is scrubbed of credentials (``scrub``) before it is kept anywhere:
+the key the worker sent, bearer and basic tokens, key-shaped strings, and the values of
+authorization headers echoed back. Everything read from an upstream is bounded (``bounded_body``,
+the SSE parser, the transport's header bound).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import urllib.request
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,7 +32,7 @@ import httpx
 from shared import jsonutil
 from shared.models import UPSTREAM_PATHS, Error, make_error
 from shared.settings import Settings
-from shared.sse import SSEEvent, SSEParser
+from shared.sse import SSEEvent, SSEParser, SSETooLarge
 
 from .transport import RELEASE_AFTER_BODY, StreamingTransport
 
@@ -33,6 +42,10 @@ RETRYABLE_STATUS = frozenset({408, 409, 429})
 DONE_MARKER = b"[DONE]"
 """The data of the Chat Completions stream's last event (Responses streams end without one)."""
 MAX_ERROR_BODY = 64 * 1024
+"""The most of an error answer's body that is read (the rest is left unread)."""
+DECODE_STEP = 64 * 1024
+"""A compressed body is inflated this much at a time: a bomb never sits in memory whole."""
+REDACTED = "[redacted]"
 
 
 class UpstreamError(Exception):
@@ -44,8 +57,8 @@ class UpstreamError(Exception):
 
 
 class UpstreamHTTPError(UpstreamError):
-    def __init__(self, status: int, body: Any, retry_after: float | None) -> None:
-        message = _message_of(body) or f"HTTP {status}"
+    def __init__(self, status: int, body: Any, retry_after: float | None, secrets: tuple[str, ...] = ()) -> None:
+        message = scrub(_message_of(body) or f"HTTP {status}", secrets)
         super().__init__(
             make_error("upstream_error", f"upstream answered {status}: {message}", status=status, upstream=body)
         )
@@ -67,7 +80,91 @@ class UpstreamCut(UpstreamError):
 
 
 class UpstreamStreamError(UpstreamError):
-    """An error event inside the stream: the provider's final word on this request."""
+    """An error event inside the stream (the provider's final word on this request), or a body that
+    is no event stream at all."""
+
+
+# Scrubbing ------------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=:-]{8,}")
+_KEY_SHAPED = re.compile(r"\b(?:sk|pk|rk|gsk|xai|api|key)[-_][A-Za-z0-9_-]{16,}")
+_SECRET_FIELDS = frozenset(
+    {"authorization", "proxy-authorization", "api-key", "api_key", "apikey", "x-api-key", "x-goog-api-key", "key"}
+)
+
+
+def scrub(value: Any, secrets: tuple[str, ...] = ()) -> Any:
+    """``value`` (text, or parsed JSON) with credentials replaced by ``[redacted]``: each of
+    ``secrets`` wherever it appears, bearer/basic tokens, key-shaped strings (``sk-...``), and the
+    value of any field named like an authorization header."""
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        value = _TOKEN.sub(lambda match: f"{match[1]}{match[2]}{REDACTED}", value)
+        return _KEY_SHAPED.sub(REDACTED, value)
+    if isinstance(value, dict):
+        return {
+            key: REDACTED if str(key).lower() in _SECRET_FIELDS and value[key] else scrub(item, secrets)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [scrub(item, secrets) for item in value]
+    return value
+
+
+# Reading bodies, bounded ----------------------------------------------------------------------------
+
+
+class _Inflate:
+    """Undoes a ``content-encoding`` a step at a time, never more than ``DECODE_STEP`` per piece."""
+
+    def __init__(self, encoding: str) -> None:
+        encoding = encoding.strip().lower()
+        if encoding in ("", "identity"):
+            self._zlib = None
+        elif encoding in ("gzip", "x-gzip"):
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._zlib = zlib.decompressobj()
+        else:
+            raise UpstreamStreamError(
+                make_error("upstream_error", f"the upstream sent content-encoding {encoding[:40]!r}, which is not read")
+            )
+
+    def pieces(self, data: bytes) -> list[bytes]:
+        if self._zlib is None:
+            return [data]
+        try:
+            out = [self._zlib.decompress(data, DECODE_STEP)]
+            while self._zlib.unconsumed_tail:
+                out.append(self._zlib.decompress(self._zlib.unconsumed_tail, DECODE_STEP))
+        except zlib.error as exc:
+            error = make_error("upstream_error", f"the upstream's compressed body is corrupt: {exc}")
+            raise UpstreamStreamError(error) from None
+        return out
+
+
+async def bounded_body(response: httpx.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of a response's (decoded) body; the rest is never read."""
+    inflate = _Inflate(response.headers.get("content-encoding", ""))
+    kept: list[bytes] = []
+    size = 0
+    async for data in response.aiter_raw():
+        for piece in inflate.pieces(data):
+            kept.append(piece[: limit - size])
+            size += len(kept[-1])
+            if size >= limit:
+                return b"".join(kept)
+    return b"".join(kept)
+
+
+def _excerpt(raw: bytes, secrets: tuple[str, ...]) -> Any:
+    """What an answer's body says, for an error: its JSON, or the start of its text, scrubbed."""
+    try:
+        body: Any = jsonutil.loads(raw)
+    except ValueError:
+        body = raw[:2048].decode("utf-8", "replace")
+    return scrub(body, secrets)
 
 
 def _message_of(body: Any) -> str | None:
@@ -90,7 +187,7 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def stream_error(event: SSEEvent, chunk: Any) -> UpstreamStreamError | None:
+def stream_error(event: SSEEvent, chunk: Any, secrets: tuple[str, ...] = ()) -> UpstreamStreamError | None:
     """The error an upstream reported inside its stream, if this event is one.
 
     Seen in practice: ``event: error`` (Groq), a chunk with a top-level ``error`` object, with or
@@ -108,6 +205,7 @@ def stream_error(event: SSEEvent, chunk: Any) -> UpstreamStreamError | None:
         body = {"error": response.get("error")} if isinstance(response, dict) else chunk
     if body is None:
         return None
+    body = scrub(body, secrets)
     error = body.get("error") if isinstance(body.get("error"), dict) else body
     status = next(
         (
@@ -131,10 +229,17 @@ class Upstream:
     """
 
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        headers = {"accept": "text/event-stream", "content-type": "application/json"}
+        # Identity: an event stream gains nothing from compression but latency. One that comes
+        # compressed anyway is inflated a step at a time (``_Inflate``).
+        headers = {"accept": "text/event-stream", "content-type": "application/json", "accept-encoding": "identity"}
+        self.secrets: tuple[str, ...] = ()
+        """What must never be kept from an upstream's answer (the key this worker sends)."""
         if settings.upstream_api_key is not None:
-            headers["authorization"] = "Bearer " + settings.upstream_api_key.get_secret_value()
+            key = settings.upstream_api_key.get_secret_value()
+            headers["authorization"] = "Bearer " + key
+            self.secrets = (key,)
         self._connect_timeout = settings.connect_timeout_seconds
+        self._max_event_bytes = settings.upstream_max_event_bytes
         self._client = httpx.AsyncClient(
             base_url=settings.upstream_base_url.rstrip("/"),
             headers=headers,
@@ -160,7 +265,9 @@ class Upstream:
         if (proxies.get(url.scheme) or proxies.get("all")) and not bypass:
             logger.info("upstream %s goes through a proxy: httpx's own transport", url.host)
             return None
-        return StreamingTransport(max_idle_per_origin=settings.concurrency)
+        return StreamingTransport(
+            max_idle_per_origin=settings.concurrency, max_head_bytes=settings.upstream_max_header_bytes
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -176,13 +283,23 @@ class Upstream:
         try:
             async with self._client.stream("POST", UPSTREAM_PATHS[endpoint], content=jsonutil.dumps(body)) as response:
                 if response.status_code >= 300:
-                    raw = await response.aread()
-                    try:
-                        error_body: Any = jsonutil.loads(raw[:MAX_ERROR_BODY])
-                    except ValueError:
-                        error_body = raw[:2048].decode("utf-8", "replace")
-                    raise UpstreamHTTPError(response.status_code, error_body, _retry_after(response))
-                yield _events(response)
+                    raw = await bounded_body(response, MAX_ERROR_BODY)
+                    raise UpstreamHTTPError(
+                        response.status_code, _excerpt(raw, self.secrets), _retry_after(response), self.secrets
+                    )
+                kind = response.headers.get("content-type", "")
+                if kind and "text/event-stream" not in kind.lower():
+                    # A wrong base URL, a captive portal, a gateway that ignored `stream`: say what came back.
+                    raw = await bounded_body(response, MAX_ERROR_BODY)
+                    message = (
+                        f"the upstream answered {response.status_code} with {kind.split(';')[0][:60]}, "
+                        "not an event stream (is STREAMFLEET_UPSTREAM_BASE_URL right?)"
+                    )
+                    error = make_error(
+                        "upstream_error", message, status=response.status_code, upstream=_excerpt(raw, self.secrets)
+                    )
+                    raise UpstreamStreamError(error)
+                yield _events(response, self._max_event_bytes)
         except httpx.ConnectTimeout as exc:
             raise UpstreamTimeout(
                 make_error(
@@ -199,15 +316,25 @@ class Upstream:
             raise UpstreamCut(make_error("upstream_error", f"the upstream stream broke off: {exc}")) from exc
 
 
-async def _events(response: httpx.Response) -> AsyncIterator[SSEEvent]:
-    parser = SSEParser()
-    async for data in response.aiter_bytes():
-        for event in parser.feed(data):
-            if event.data == DONE_MARKER:
-                # The reader stops here; the connection is reused once the body's last marker arrives.
-                release = response.extensions.get(RELEASE_AFTER_BODY)
-                if release is not None:
-                    release()
+async def _events(response: httpx.Response, max_event_bytes: int) -> AsyncIterator[SSEEvent]:
+    parser = SSEParser(max_event_bytes=max_event_bytes)
+    inflate = _Inflate(response.headers.get("content-encoding", ""))
+    seen = False
+    try:
+        async for data in response.aiter_raw():
+            for piece in inflate.pieces(data):
+                for event in parser.feed(piece):
+                    seen = True
+                    if event.data == DONE_MARKER:
+                        # The reader stops here; the connection is reused once the body's last marker arrives.
+                        release = response.extensions.get(RELEASE_AFTER_BODY)
+                        if release is not None:
+                            release()
+                    yield event
+        for event in parser.close():
+            seen = True
             yield event
-    for event in parser.close():
-        yield event
+    except SSETooLarge as exc:
+        raise UpstreamStreamError(make_error("upstream_error", str(exc))) from None
+    if not seen:
+        raise UpstreamCut(make_error("upstream_error", "the upstream's stream ended before its first event"))
