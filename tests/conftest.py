@@ -258,7 +258,13 @@ def cli(
     )
 
 
-GatewayFactory = Callable[..., str]
+class GatewayURL(str):
+    """A gateway's base URL, knowing its process."""
+
+    process: subprocess.Popen[bytes]
+
+
+GatewayFactory = Callable[..., GatewayURL]
 
 
 @pytest.fixture
@@ -266,7 +272,7 @@ def start_gateway(fleet_env: dict[str, str]) -> Iterator[GatewayFactory]:
     """Start gateway processes (``streamfleet gateway``); returns the base URL once it answers."""
     processes: list[subprocess.Popen[bytes]] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> str:
+    def start(*args: str, env: dict[str, str] | None = None) -> GatewayURL:
         port = free_port()
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "streamfleet"), "gateway", "--port", str(port), *args],
@@ -274,7 +280,9 @@ def start_gateway(fleet_env: dict[str, str]) -> Iterator[GatewayFactory]:
         )
         processes.append(process)
         wait_until(lambda: port_open(port), what="the gateway")
-        return f"http://127.0.0.1:{port}"
+        url = GatewayURL(f"http://127.0.0.1:{port}")
+        url.process = process
+        return url
 
     yield start
     for process in processes:

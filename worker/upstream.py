@@ -23,7 +23,7 @@ import logging
 import re
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -131,17 +131,18 @@ class _Inflate:
                 make_error("upstream_error", f"the upstream sent content-encoding {encoding[:40]!r}, which is not read")
             )
 
-    def pieces(self, data: bytes) -> list[bytes]:
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """The decoded bytes of ``data``, a step at a time: each piece is used before the next is made."""
         if self._zlib is None:
-            return [data]
+            yield data
+            return
         try:
-            out = [self._zlib.decompress(data, DECODE_STEP)]
+            yield self._zlib.decompress(data, DECODE_STEP)
             while self._zlib.unconsumed_tail:
-                out.append(self._zlib.decompress(self._zlib.unconsumed_tail, DECODE_STEP))
+                yield self._zlib.decompress(self._zlib.unconsumed_tail, DECODE_STEP)
         except zlib.error as exc:
             error = make_error("upstream_error", f"the upstream's compressed body is corrupt: {exc}")
             raise UpstreamStreamError(error) from None
-        return out
 
 
 async def bounded_body(response: httpx.Response, limit: int) -> bytes:

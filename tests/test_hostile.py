@@ -1,0 +1,145 @@
+"""Hostile input, from real processes: an upstream that tries every way to exhaust or mislead a worker
+(``tests/hostile_upstream.py``), and clients that flood the gateway before they authenticate. Each
+ends in a clear error for the one job or request it concerns; the processes' peak RSS stays bounded
+(printed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from producer import FleetClient
+from shared.models import ERROR
+from tests.conftest import ROOT, GatewayFactory, WorkerFactory, cli, free_port, port_open, stop_process, wait_until
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-test-never-logged"  # the fleet_env's upstream key
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.fixture
+def hostile() -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "hostile_upstream.py"), str(port)])
+    try:
+        wait_until(lambda: port_open(port), what="the hostile upstream")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_process(process)
+
+
+def request(mode: str) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": mode}], "hostile": mode}
+
+
+EXPECTED = {
+    "bomb": (None, "a line of over 8388608 bytes"),
+    "long_line": (None, "a line of over 8388608 bytes"),
+    "huge_headers": (None, "over 65536 bytes of headers"),
+    "huge_error_body": (500, "upstream answered 500"),
+    "html": (200, "with text/html, not an event stream"),
+    "empty": (None, "ended before its first event"),
+    "echo_key": (401, "invalid key"),
+    "echo_key_in_stream": (None, "quota exceeded"),
+    "deep": (None, "not JSON: JSON nested too deep"),
+    "nan": (None, "not JSON: NaN is not JSON"),
+}
+
+
+async def test_a_hostile_upstream_ends_its_jobs_in_clear_errors_within_bounded_memory(
+    fleet: FleetClient,
+    fleet_env: dict[str, str],
+    start_worker: WorkerFactory,
+    hostile: str,
+    sync_redis: redis.Redis,
+    stream_redis: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as output:
+        worker = start_worker(
+            env={"STREAMFLEET_UPSTREAM_BASE_URL": hostile, "STREAMFLEET_MAX_ATTEMPTS": "1"}, stderr=output
+        )
+        ids = {mode: await fleet.submit(request(mode)) for mode in EXPECTED}
+        ended = {mode: await fleet.wait(job_id, timeout=60) for mode, job_id in ids.items()}
+        healthy = await fleet.submit(request("fine"))
+        assert (await fleet.result(healthy, timeout=20))["text"] == "hi"  # the worker lives on
+        peak = peak_rss_mb(worker.pid)
+    print(f"worker peak RSS through every hostile answer: {peak:.0f} MB")
+    for mode, (status, message) in EXPECTED.items():
+        event = ended[mode]
+        assert event.type == ERROR, (mode, event)
+        error = event.data["error"]
+        assert error["type"] == "upstream_error", (mode, error)
+        assert message in error["message"], (mode, error["message"])
+        if status is not None:
+            assert error["status"] == status, (mode, error)
+    assert "hotel wifi" in json.dumps(ended["html"].data["error"]["upstream"])
+    assert len(ended["huge_error_body"].data["error"]["upstream"]) <= 2048
+    assert "[redacted]" in json.dumps(ended["echo_key"].data["error"]["upstream"])
+    assert peak < 300, f"the worker peaked at {peak:.0f} MB"
+    # The key the worker sent was echoed back three ways; it is nowhere.
+    for client in (sync_redis, stream_redis):
+        for key in client.scan_iter():
+            assert KEY.encode() not in (client.dump(key) or b""), key
+    assert KEY.encode() not in log.read_bytes()
+    status = cli("status", "--json", env=fleet_env)
+    assert status.returncode == 0 and KEY not in status.stdout
+
+
+def flood(port: int, headers: int) -> bytes:
+    """A client that sends one request line, then header after header; what the gateway answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(b"GET /v1/jobs/job_x HTTP/1.1\r\nHost: gateway\r\n")
+        try:
+            for i in range(headers):
+                connection.sendall(b"X-Flood-%d: %s\r\n" % (i, b"f" * 1000))
+        except OSError:
+            pass  # the gateway closed its side
+        try:
+            return connection.recv(4096)
+        except OSError:
+            return b""
+
+
+async def test_header_floods_are_refused_before_the_app_within_bounded_memory(
+    start_gateway: GatewayFactory, start_worker: WorkerFactory
+) -> None:
+    start_worker()
+    gateway = start_gateway(env={"STREAMFLEET_GATEWAY_API_KEYS": "k1"})
+    port, pid = int(gateway.rsplit(":", 1)[1]), gateway.process.pid
+    before = peak_rss_mb(pid)
+    started = time.monotonic()
+    answers = await asyncio.gather(*(asyncio.to_thread(flood, port, 200_000) for _ in range(4)))
+    took = time.monotonic() - started
+    peak = peak_rss_mb(pid)
+    print(f"gateway peak RSS {before:.0f} MB before, {peak:.0f} MB after 4 floods of 200,000 headers ({took:.2f} s)")
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert b"are over 32768 bytes" in answer  # 1-KB headers: the size bound comes first
+    long_line = b"GET /" + b"a" * 40_000 + b" HTTP/1.1\r\nHost: gateway\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(long_line)
+        assert connection.recv(4096).startswith(b"HTTP/1.1 431 ")
+    assert peak - before < 50
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        assert (await client.get("/healthz")).json()["status"] == "ok"
