@@ -6,6 +6,7 @@ from shared.errors import (
     JobCancelled,
     JobEnded,
     JobFailed,
+    StorageFull,
     StreamfleetError,
     UnknownJob,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "JobFailed",
     "Result",
     "Settings",
+    "StorageFull",
     "StreamfleetError",
     "UnknownJob",
 ]

@@ -233,6 +233,10 @@ def _print_fleet(state: dict[str, Any]) -> None:
 
     console = Console()
     console.print(f"queued [bold]{state['queued']}[/]   running [bold]{state['running']}[/]")
+    for role, memory in state.get("memory", {}).items():
+        bound = f" of {memory['max_bytes'] / 2**20:.0f} MiB" if memory["max_bytes"] else ""
+        full = "  [bold red]FULL: jobs end in storage_full[/]" if memory["full"] else ""
+        console.print(f"{role} memory {memory['used_bytes'] / 2**20:.1f} MiB{bound}{full}")
     workers = Table("worker", "pid", "up", "running jobs", "entries written", title="live workers")
     for worker in state["workers"]:
         running = worker.get("running", [])

@@ -19,11 +19,12 @@ from types import TracebackType
 from typing import Any
 
 from shared import jsonutil
-from shared.errors import InvalidRequest, JobCancelled, JobFailed, StreamfleetError, UnknownJob
+from shared.errors import InvalidRequest, JobCancelled, JobFailed, StorageFull, StreamfleetError, UnknownJob
 from shared.models import CANCELLED, DELTA, DONE, ERROR, QUEUED, RETRY, Event, Result, queued_data, validate_request
 from shared.settings import Settings
 from shared.store import (
     Entry,
+    OutOfMemory,
     Stores,
     Unavailable,
     format_id,
@@ -138,19 +139,28 @@ class FleetClient:
         stores = self.stores
         job_id = "job_" + uuid.uuid4().hex
         now_ms = int(time.time() * 1000)
-        job_id, live = await stores.queue.enqueue(
-            job_id,
-            queue.payload(endpoint=endpoint, request=request, tenant=tenant, enqueue_time_ms=now_ms),
-            score_ms=now_ms,
-            idempotency_key=f"{tenant}:{idempotency_key}" if tenant and idempotency_key else idempotency_key,
-        )
-        if live:  # a job arq has let go of has ended: its stream is there, or has expired
-            await stores.streams.create(
+        try:
+            job_id, live = await stores.queue.enqueue(
                 job_id,
-                queued_data(job_id, endpoint, request),
-                tenant=tenant,
-                ttl_seconds=stream_ttl_while_queued(self.settings),
+                queue.payload(endpoint=endpoint, request=request, tenant=tenant, enqueue_time_ms=now_ms),
+                score_ms=now_ms,
+                idempotency_key=f"{tenant}:{idempotency_key}" if tenant and idempotency_key else idempotency_key,
             )
+        except OutOfMemory:
+            raise StorageFull("the queue's Redis refused the job; nothing was queued") from None
+        if live:  # a job arq has let go of has ended: its stream is there, or has expired
+            try:
+                await stores.streams.create(
+                    job_id,
+                    queued_data(job_id, endpoint, request),
+                    tenant=tenant,
+                    ttl_seconds=stream_ttl_while_queued(self.settings),
+                )
+            except OutOfMemory:
+                # Take the job back, so that it does not run for a caller told it failed. (A worker
+                # that took it meanwhile ends it in storage_full.)
+                await stores.queue.dequeue(job_id)
+                raise StorageFull("the stream store's Redis refused the job's stream; it was not queued") from None
         logger.info("job %s: queued (%s)", job_id, endpoint)
         return job_id
 
@@ -281,4 +291,5 @@ class FleetClient:
             "running": sum(len(worker.get("running", [])) for worker in workers),
             "workers": sorted(workers, key=lambda worker: str(worker.get("id"))),
             "recent_failures": await queue.failures(10),
+            "memory": await self.stores.memory(),
         }

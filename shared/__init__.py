@@ -7,6 +7,7 @@ from .errors import (
     JobCancelled,
     JobEnded,
     JobFailed,
+    StorageFull,
     StreamfleetError,
     UnknownJob,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "JobFailed",
     "Result",
     "Settings",
+    "StorageFull",
     "StreamfleetError",
     "UnknownJob",
 ]

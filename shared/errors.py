@@ -3,6 +3,7 @@
     StreamfleetError
     ├── ConfigurationError      a setting is wrong, or the embedded server cannot start
     ├── InvalidRequest          the request was refused before anything was queued
+    ├── StorageFull             Redis is out of memory: the job could not be queued
     ├── UnknownJob              no job has this id (never submitted, or expired)
     └── JobEnded                the job ended without a result; ``.data`` is its terminal event's data
         ├── JobFailed           it ended in ``error``; ``.error`` is the contract's Error object
@@ -26,6 +27,15 @@ class ConfigurationError(StreamfleetError):
 
 class InvalidRequest(StreamfleetError, ValueError):
     """The request cannot be submitted; nothing was queued."""
+
+
+class StorageFull(StreamfleetError):
+    """Redis refused a write for lack of memory (``maxmemory`` reached under ``noeviction``)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"Redis is out of memory ({what}): free memory, raise maxmemory, or lower STREAMFLEET_STREAM_TTL_SECONDS"
+        )
 
 
 class UnknownJob(StreamfleetError, KeyError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -19,9 +20,13 @@ import httpx
 import pytest
 import redis
 
-from producer import FleetClient
+from producer import FleetClient, StorageFull
+from shared.embedded import server_command
 from shared.models import ERROR
+from shared.settings import Settings
+from simulator import expected_text
 from tests.conftest import ROOT, GatewayFactory, WorkerFactory, cli, free_port, port_open, stop_process, wait_until
+from tests.test_failures import history
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +148,85 @@ async def test_header_floods_are_refused_before_the_app_within_bounded_memory(
     assert peak - before < 50
     async with httpx.AsyncClient(base_url=gateway) as client:
         assert (await client.get("/healthz")).json()["status"] == "ok"
+
+
+@pytest.fixture
+def small_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of its own for one test, whose memory the test will fill."""
+    port = free_port()
+    process = subprocess.Popen(server_command(port, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(port), what="the Redis to fill")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop_process(process)
+
+
+def fill(client: redis.Redis) -> None:
+    """Set maxmemory just above what is used, then fill Redis until it refuses a write."""
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 2 * 2**20)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        for i in range(100_000):
+            client.set(f"filler:{i}", b"f" * 4096)
+
+
+async def test_a_full_redis_ends_running_jobs_in_storage_full_not_lost_workers(
+    fleet_env: dict[str, str], start_worker: WorkerFactory, small_redis: str, tmp_path: Path, state_dir: Path
+) -> None:
+    """One Redis for both roles, filled to maxmemory under noeviction while 10 jobs stream: each ends
+    `storage_full` with its partial text (a job's end is written even when Redis is full), the worker
+    lives on and says so once per burst; submits are refused with a clear error."""
+    env = {**fleet_env, "STREAMFLEET_REDIS_URL": small_redis}
+    env.pop("STREAMFLEET_STREAM_REDIS_URL", None)
+    metrics_port = free_port()
+    log = tmp_path / "worker.log"
+    settings = Settings(redis_url=small_redis, state_dir=state_dir)
+    async with FleetClient(settings) as fleet:
+        with open(log, "wb") as output:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "worker", "--metrics-port", str(metrics_port)],
+                env={**os.environ, **env},
+                stderr=output,
+            )
+            try:
+                requests = [chat_request(f"fills the store {i}") for i in range(10)]
+                ids = [await fleet.submit(request) for request in requests]
+                for job_id in ids:
+                    async for event in fleet.tail(job_id):
+                        if event.type == "delta":
+                            break
+                client = redis.Redis.from_url(small_redis)
+                fill(client)
+                ended = [await fleet.wait(job_id, timeout=30) for job_id in ids]
+                with pytest.raises(StorageFull, match="out of memory"):
+                    await fleet.submit(chat_request("refused"))
+                status = await fleet.status()
+                async with httpx.AsyncClient() as http:
+                    metrics = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+                    ready = await http.get(f"http://127.0.0.1:{metrics_port}/livez")
+                assert worker.poll() is None and ready.status_code == 200
+                client.delete(*client.keys("filler:*"))
+                client.config_set("maxmemory", 0)
+                after = await fleet.submit(chat_request("after the storm", tokens=5))
+                assert (await fleet.result(after, timeout=20))["text"]
+            finally:
+                stop_process(worker)
+        for job_id, request, event in zip(ids, requests, ended, strict=True):
+            assert event.type == ERROR and event.data["error"]["type"] == "storage_full", event
+            partial = event.data["partial"]["text"]
+            assert partial and expected_text(request).startswith(partial)
+            assert "retry" not in [e.type for e in await history(fleet, job_id)]  # no worker was "lost"
+    assert any(memory["full"] for memory in status["memory"].values())
+    refused = next(line for line in metrics.splitlines() if line.startswith("streamfleet_storage_full_total"))
+    assert float(refused.split()[-1]) >= 10
+    lines = [line for line in log.read_text().splitlines() if "out of memory" in line]
+    print(f"log lines about it: {len(lines)}; {refused}")
+    assert 1 <= len(lines) <= 3
+
+
+def chat_request(prompt: str, tokens: int = 400) -> dict[str, Any]:
+    return {
+        "model": "sim",
+        "messages": [{"role": "user", "content": prompt}],
+        "simulator": {"tokens": tokens, "tps": 20},
+    }

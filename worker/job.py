@@ -23,7 +23,7 @@ from arq.worker import Retry as ArqRetry
 from shared import jsonutil
 from shared.accumulate import Accumulator, accumulator_for
 from shared.models import CANCELLED, DONE, ERROR, RETRY, Error, make_error, queued_data
-from shared.store import DeltaEncoder, Start, Unavailable, stream_ttl_while_queued
+from shared.store import DeltaEncoder, OutOfMemory, Start, Unavailable, stream_ttl_while_queued
 
 from . import metrics, supervisor
 from .runtime import Runtime
@@ -66,6 +66,10 @@ async def generate(ctx: dict[str, Any], *, endpoint: str, request: dict[str, Any
 
 class Fenced(Exception):
     """A newer attempt or the terminal event is in the stream: this attempt must stop writing."""
+
+
+class Full(Exception):
+    """Redis had no memory for an entry of this attempt."""
 
 
 class Job:
@@ -145,6 +149,13 @@ class Job:
                         if retry is not None:
                             delay = retry
                             continue
+                except (Full, OutOfMemory) as full:
+                    # Redis has no memory for this job's events: it ends now (its end is written even
+                    # so), with what it streamed so far. Not a lost worker, not a retry.
+                    if isinstance(full, OutOfMemory):
+                        runtime.writer.storage_full()
+                    message = "Redis is out of memory (maxmemory reached): the job's events could not be written"
+                    kind, data = ERROR, {"error": make_error("storage_full", message), "partial": self._partial()}
                 runtime.supervisor.release(self.job_id)  # nothing may interrupt the terminal write
                 await self._end(kind, data, began)
                 return
@@ -239,6 +250,8 @@ class Job:
                     accumulator.add(chunk, event.event)
                     if encoder.fenced:
                         raise Fenced
+                    if encoder.full:
+                        raise Full
                     if self.deltas >= limit:
                         raise UpstreamStreamError(
                             make_error("upstream_error", f"the upstream sent over {limit} events; the job was stopped")
@@ -274,6 +287,8 @@ class Job:
         await self.runtime.writer.append(self.encoder, *self.encoder.event(RETRY, data))
         if self.encoder.fenced:
             raise Fenced
+        if self.encoder.full:
+            raise Full
         self.log(
             logging.INFO,
             "attempt %d failed (%s); retry in %.2fs",
@@ -308,8 +323,11 @@ class Job:
             await self.pending  # the deltas first, then the terminal event
         if self.encoder is not None and self.encoder.fenced:
             raise Fenced
-        started_id = self.start.started_id if self.start is not None else None
-        ended = await self.runtime.end(self.job_id, kind, data, started_id=started_id)
+        if self.start is not None:
+            ended = await self.runtime.end(self.job_id, kind, data, started_id=self.start.started_id)
+        else:  # no attempt started (Redis refused it): the stream may not even exist yet
+            opening = (queued_data(self.job_id, self.endpoint, self.request), self.tenant)
+            ended = await self.runtime.end(self.job_id, kind, data, opening=opening)
         elapsed = time.monotonic() - began
         timings = {"elapsed_s": round(elapsed, 4), "deltas": self.deltas}
         if self.first_token_s is not None:

@@ -32,6 +32,7 @@ INTER_TOKEN = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 DELTAS = Counter("streamfleet_deltas_total", "Deltas published to job streams")
+STORAGE_FULL = Counter("streamfleet_storage_full_total", "Writes Redis refused for lack of memory (maxmemory reached)")
 PUBLISHED_BYTES = Counter("streamfleet_published_bytes_total", "Bytes of stream entries written to Redis")
 UPSTREAM_ERRORS = Counter(
     "streamfleet_upstream_errors_total",

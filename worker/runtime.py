@@ -11,7 +11,7 @@ from typing import Any
 
 from shared.models import ERROR
 from shared.settings import Settings
-from shared.store import QueueStore, Stores, StreamStore
+from shared.store import OutOfMemory, QueueStore, Stores, StreamStore
 
 from . import metrics
 from .supervisor import Supervisor
@@ -53,15 +53,26 @@ class Runtime:
     def streams(self) -> StreamStore:
         return self.stores.streams
 
-    async def end(self, job_id: str, kind: str, data: Any, *, started_id: str | None = None) -> bool:
+    async def end(
+        self,
+        job_id: str,
+        kind: str,
+        data: Any,
+        *,
+        started_id: str | None = None,
+        opening: tuple[dict[str, Any], str | None] | None = None,
+    ) -> bool:
         """Write the job's terminal event (``StreamStore.end``) and count it; False if refused. A job
-        that ends in error joins the recent failures."""
-        ended = await self.streams.end(job_id, kind, data, started_id=started_id)
+        that ends in error joins the recent failures (unless the queue's Redis is full too)."""
+        ended = await self.streams.end(job_id, kind, data, started_id=started_id, opening=opening)
         if ended is None:
             return False
         metrics.JOBS.labels(kind).inc()
         if kind == ERROR:
-            await self.queue.record_failure(job_id, data.get("error") or {})
+            try:
+                await self.queue.record_failure(job_id, data.get("error") or {})
+            except OutOfMemory:
+                self.writer.storage_full()
         return True
 
     async def aclose(self) -> None:

@@ -10,7 +10,8 @@ after them.
 Entries carry explicit ids (``shared.store.codec``) and are appended with NOMKSTREAM: a late write
 to a stream that has expired must not recreate it without a TTL, and a write whose id Redis refuses
 marks its attempt *fenced* (``DeltaEncoder.fenced``): a newer attempt or the terminal event is
-already there, and the attempt that wrote it must stop.
+already there, and the attempt that wrote it must stop. One Redis had no memory for marks it *full*:
+the job ends in ``storage_full``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 RETRY_FOR_S = 30.0
 """How long a batch is retried while Redis is unreachable before its jobs are failed."""
+FULL_LOG_EVERY_S = 30.0
+"""At most one "out of memory" log line this often."""
 BACKLOG_LIMIT = 20_000
 """Entries waiting to be written beyond which appending jobs wait for Redis (backpressure)."""
 
@@ -39,10 +42,25 @@ class StreamWriter:
 
     def __init__(self, streams: StreamStore) -> None:
         self._streams = streams
+        self._full_since: float | None = None  # when the last "out of memory" line was logged
+        self._full_unlogged = 0
         self._batch: Batch = []
         self._batch_done: asyncio.Future[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.entries_written = 0
+
+    def storage_full(self, refused: int = 1) -> None:
+        """Count writes Redis refused for lack of memory; say so once per burst, not once per write."""
+        metrics.STORAGE_FULL.inc(refused)
+        self._full_unlogged += refused
+        now = time.monotonic()
+        if self._full_since is None or now - self._full_since > FULL_LOG_EVERY_S:
+            logger.error(
+                "Redis is out of memory (maxmemory reached): %d writes refused; the jobs they belong to end in "
+                "storage_full (free memory, raise maxmemory, or shorten STREAMFLEET_STREAM_TTL_SECONDS)",
+                self._full_unlogged,
+            )
+            self._full_since, self._full_unlogged = now, 0
 
     @property
     def backlog(self) -> int:
@@ -87,7 +105,7 @@ class StreamWriter:
         delay, give_up, replay = 0.05, time.monotonic() + RETRY_FOR_S, False
         while True:
             try:
-                refused = await self._streams.append(batch)
+                refused, full = await self._streams.append(batch)
                 break
             except Unavailable as exc:
                 if time.monotonic() > give_up:
@@ -100,3 +118,7 @@ class StreamWriter:
             if replay and await self._streams.has_entry(attempt.job_id, entry_id):
                 continue  # ours, written before the connection broke
             attempt.fenced = True
+        for position in full:
+            batch[position - 1][0].full = True
+        if full:
+            self.storage_full(len(full))

@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import InvalidRequest, JobEnded, UnknownJob
+from shared.errors import InvalidRequest, JobEnded, StorageFull, UnknownJob
 from shared.settings import Settings
-from shared.store import StoreError
+from shared.store import OutOfMemory, StoreError
 
 from ..client import FleetClient
 from . import jobs, metrics, openai
@@ -118,6 +118,15 @@ def create_app(settings: Settings) -> FastAPI:
         first: dict[str, Any] = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(part) for part in first.get("loc", ())) or "body"
         return error_body(400, f"{where}: {first.get('msg')}", "invalid_request_error")
+
+    @app.exception_handler(StorageFull)
+    async def storage_full(request: Request, exc: StorageFull) -> JSONResponse:
+        return error_body(503, str(exc), "storage_full")
+
+    @app.exception_handler(OutOfMemory)
+    async def out_of_memory(request: Request, exc: OutOfMemory) -> JSONResponse:
+        logger.warning("Redis is out of memory serving %s", request.url.path)
+        return error_body(503, str(StorageFull("a write was refused")), "storage_full")
 
     @app.exception_handler(StoreError)
     async def redis_down(request: Request, exc: StoreError) -> JSONResponse:

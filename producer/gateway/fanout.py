@@ -39,7 +39,17 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Final
 
-from shared.store import Entry, RawEntry, StreamReader, StreamStore, Unavailable, format_id, parse_cursor, parse_id
+from shared.store import (
+    Entry,
+    RawEntry,
+    StoreError,
+    StreamReader,
+    StreamStore,
+    Unavailable,
+    format_id,
+    parse_cursor,
+    parse_id,
+)
 from shared.store.connect import BLOCK_MS
 from shared.store.streams import Wake
 
@@ -296,7 +306,10 @@ class FanOut:
         follow.subscribers.add(subscriber)
         try:
             if joined:
-                await self.streams.wake(reader.wake)
+                try:
+                    await self.streams.wake(reader.wake)
+                except StoreError as exc:  # Redis full or away: the reader's next read (<= BLOCK_MS) finds it
+                    logger.debug("fan-out: no wake for job %s (%s)", job_id, exc)
             last = parse_id(after)
             if parse_id(position) > last:
                 # Catch up on our own until the follow's position, then take live events.

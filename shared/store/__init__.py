@@ -65,7 +65,7 @@ streams and ends them.
 
 from .codec import DeltaEncoder, Entry, Fields, RawEntry, format_id, parse_cursor, parse_id
 from .queue import QueueStore
-from .stores import StoreError, Stores, Unavailable, open_stores, stream_ttl_while_queued
+from .stores import OutOfMemory, StoreError, Stores, Unavailable, open_stores, stream_ttl_while_queued
 from .streams import Batch, Start, StreamReader, StreamStore
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
     "DeltaEncoder",
     "Entry",
     "Fields",
+    "OutOfMemory",
     "QueueStore",
     "RawEntry",
     "Start",

@@ -180,19 +180,22 @@ def _inner_match(ref_middle: bytes, middle: bytes) -> tuple[int, int, int] | Non
 
 class DeltaEncoder:
     """Encodes one attempt's entries, with explicit ids after its ``started`` entry. It is also the
-    attempt's handle for the worker's writer, which sets ``fenced`` when Redis refuses one of them.
+    attempt's handle for the worker's writer, which sets ``fenced`` when Redis refuses one of them
+    and ``full`` when it has no memory for one.
 
     :param job_id: the job.
     :param attempt: the attempt number.
     :param started_id: the id Redis gave the attempt's ``started`` entry.
     """
 
-    __slots__ = ("_kind", "_ms", "_prefix", "_ref", "_ref_seq", "_seq", "_suffix", "fenced", "job_id")
+    __slots__ = ("_kind", "_ms", "_prefix", "_ref", "_ref_seq", "_seq", "_suffix", "fenced", "full", "job_id")
 
     def __init__(self, job_id: str, attempt: int, started_id: str) -> None:
         self.job_id = job_id
         self.fenced = False
         """Redis refused an entry of this attempt: a newer attempt or the job's end is in the stream."""
+        self.full = False
+        """Redis had no memory for an entry of this attempt."""
         self._kind = b"%d" % attempt
         self._ms, self._seq = parse_id(started_id)
         self._ref = b""

@@ -33,6 +33,7 @@ from arq.connections import ArqRedis
 from arq.jobs import serialize_job
 from arq.worker import Worker
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import jsonutil
@@ -45,6 +46,10 @@ FUNCTION: Final = "generate"
 QUEUE_TTL_SECONDS: Final = 86_400
 """A job that waits in the queue longer than this expires (arq's default)."""
 IDEMPOTENCY_TTL_SECONDS: Final = 86_400
+
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+"""Opens the scripts that move or drop what is there (claims, leases, finishing, requeuing): they run
+even when Redis is full, so that held jobs keep their leases and end. Only a submit is refused."""
 
 _NOW_MS = """
 local function now_ms()
@@ -73,7 +78,8 @@ return {ARGV[1], 1}
 # one step. Returns id, score pairs. (The in-progress keys are derived here, undeclared: the queue
 # lives on one primary, never on a cluster.)
 _CLAIM = (
-    _NOW_MS
+    _ALLOW_OOM
+    + _NOW_MS
     + """
 local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
@@ -90,7 +96,8 @@ return due
 # Leases use the server's clock, so the workers' clocks need not agree.
 # KEYS: leases. ARGV: lease ms, job ids. Renews leases still held (XX: never revives one let go).
 _RENEW = (
-    _NOW_MS
+    _ALLOW_OOM
+    + _NOW_MS
     + """
 local lease_end = now_ms() + tonumber(ARGV[1])
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', lease_end, ARGV[i]) end
@@ -100,7 +107,8 @@ return #ARGV - 1
 
 # KEYS: leases. ARGV: how many. The jobs whose lease has lapsed.
 _LAPSED = (
-    _NOW_MS
+    _ALLOW_OOM
+    + _NOW_MS
     + """
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
 """
@@ -110,7 +118,8 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumb
 # A held job whose lease lapsed goes back to the queue, due now: 'requeued'; 'alive' if the lease was
 # renewed meanwhile; 'lost' if arq no longer has the job (it can never run: the caller ends it).
 _REQUEUE = (
-    _NOW_MS
+    _ALLOW_OOM
+    + _NOW_MS
     + """
 local now = now_ms()
 local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -127,7 +136,8 @@ return 'requeued'
 # it again (ms; "now"; or "" when it is finished).
 # arq's finish_job (a MULTI of the same commands), and the lease goes in the same step.
 _FINISH = (
-    _NOW_MS
+    _ALLOW_OOM
+    + _NOW_MS
     + """
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
@@ -146,12 +156,15 @@ return 1
 # KEYS: arq queue, leases, arq job. ARGV: job id.
 # A cancelled job that no worker holds leaves the queue; a held one is left to its worker (it finds
 # the job ended when it starts it, and arq finishes it as usual).
-_DEQUEUE = """
+_DEQUEUE = (
+    _ALLOW_OOM
+    + """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 'held' end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[3])
 return 'removed'
 """
+)
 
 
 def payload(*, endpoint: str, request: dict[str, Any], tenant: str | None, enqueue_time_ms: int) -> bytes:
@@ -295,7 +308,13 @@ class QueueStore:
             pipe.set(keys.worker(worker_id), jsonutil.dumps(record), ex=ttl_s)
             pipe.zcard(keys.QUEUE)
             pipe.zcard(keys.RUNNING)
-            replies = await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
+        # The record may be refused (Redis full) where the leases were not: the leases matter.
+        for position, reply in enumerate(replies):
+            if isinstance(reply, Exception) and ((position == 0 and held) or not isinstance(reply, OutOfMemoryError)):
+                raise reply
+        if isinstance(replies[-3], OutOfMemoryError):
+            logger.warning("worker %s: Redis is out of memory; its heartbeat record was not written", worker_id)
         return int(replies[-2]), int(replies[-1])
 
     async def forget_worker(self, worker_id: str) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as OutOfMemory
 from redis.exceptions import RedisError
 from redis.exceptions import RedisError as StoreError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -20,7 +21,7 @@ from .streams import StreamStore
 Unavailable: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 """What a Redis that cannot be reached raises: worth waiting and trying again. (``StoreError``, redis-py's
 ``RedisError``, is the root of every error a Redis command raises.)"""
-__all__ = ["StoreError", "Stores", "Unavailable", "open_stores", "stream_ttl_while_queued"]
+__all__ = ["OutOfMemory", "StoreError", "Stores", "Unavailable", "open_stores", "stream_ttl_while_queued"]
 
 
 def stream_ttl_while_queued(settings: Settings) -> int:
@@ -51,6 +52,20 @@ class Stores:
                 value = None
             policies[role] = value.decode() if isinstance(value, bytes) else value
         return policies
+
+    async def memory(self) -> dict[str, dict[str, Any]]:
+        """Each role's memory: bytes used, the ``maxmemory`` bound (0: none) and whether it is reached."""
+        clients = (
+            {"queue": self.queue.redis, "stream store": self.streams.redis}
+            if self.split
+            else {"redis": self.queue.redis}
+        )
+        report: dict[str, dict[str, Any]] = {}
+        for role, client in clients.items():
+            info = await client.info("memory")
+            used, bound = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+            report[role] = {"used_bytes": used, "max_bytes": bound, "full": bool(bound) and used >= bound}
+        return report
 
     async def aclose(self) -> None:
         await self.queue.redis.aclose(close_connection_pool=True)

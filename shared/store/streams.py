@@ -90,13 +90,24 @@ return {'started', n, id}
 """
 )
 
+# Scripts that end a job, or keep its end possible, are flagged allow-oom: a job's end is written even
+# when Redis is full (one small entry per job), so that every job ends. The flag must open the script.
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+
 # KEYS: events, owner, attempts, tenant, cancel flag. ARGV: type, data, ttl s, the ending attempt's
-# started id or "". Returns the entry id, or false when the stream is gone, has ended, or belongs to
-# another attempt. Every key of the job then lives as long as the stream.
+# started id or "", and to open a missing stream first: queued data or "", tenant or "", its ttl s.
+# Returns the entry id, or false when the stream is gone (and is not to be opened), has ended, or
+# belongs to another attempt. Every key of the job then lives as long as the stream.
 _END = (
-    _LAST_TYPE
+    _ALLOW_OOM
+    + _LAST_TYPE
     + """
 local t = last_type(KEYS[1])
+if (not t) and ARGV[5] ~= '' then
+  redis.call('XADD', KEYS[1], '*', 't', 'queued', 'd', ARGV[5])
+  if ARGV[6] ~= '' then redis.call('SET', KEYS[4], ARGV[6]) end
+  t = 'queued'
+end
 if (not t) or is_terminal(t) then return false end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return false end
 local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', ARGV[1], 'd', ARGV[2])
@@ -108,7 +119,8 @@ return id
 # KEYS: events, cancel flag, tenant. ARGV: cancelled data, ttl s.
 # The flag tells a worker that starts the job late; a job no attempt has started ends here and now.
 _CANCEL = (
-    _LAST_TYPE
+    _ALLOW_OOM
+    + _LAST_TYPE
     + """
 local t = last_type(KEYS[1])
 if not t then return 'unknown' end
@@ -128,7 +140,8 @@ return 'cancelled'
 # (a new one may have started already), announce that it is void and take the right to end the job
 # from it; or, if a cancel was asked meanwhile, end the job.
 _VOID = (
-    _LAST_TYPE
+    _ALLOW_OOM
+    + _LAST_TYPE
     + """
 local t = last_type(KEYS[1])
 if not t then return 'gone' end
@@ -151,15 +164,20 @@ return 'voided'
 
 APPEND_LUA = """
 -- KEYS: the stream of each entry. ARGV: id, type field, data field of each entry, in order.
--- Appends every entry (NOMKSTREAM) and returns the 1-based positions of those Redis refused: an id
--- not above the stream's last one (a newer attempt, or the end, is there), or a stream that is gone.
-local refused = {}
+-- Appends every entry (NOMKSTREAM) and returns two lists of 1-based positions: those Redis refused
+-- (an id not above the stream's last one: a newer attempt, or the end, is there; or a stream that is
+-- gone), and those it had no memory for.
+local refused, full = {}, {}
 for i = 1, #KEYS do
   local at = (i - 1) * 3
   local ok, id = pcall(redis.call, 'XADD', KEYS[i], 'NOMKSTREAM', ARGV[at + 1], 't', ARGV[at + 2], 'd', ARGV[at + 3])
-  if not ok or not id then refused[#refused + 1] = i end
+  if not ok and string.sub(tostring(id), 1, 3) == 'OOM' then
+    full[#full + 1] = i
+  elseif not ok or not id then
+    refused[#refused + 1] = i
+  end
 end
-return refused
+return {refused, full}
 """
 """One script call appends a whole batch of entries: one command and one reply, not one per entry."""
 
@@ -245,10 +263,21 @@ class StreamStore:
         started_id = _text(reply[2]) if len(reply) > 2 else ""
         return Start(status, attempt, started_id)
 
-    async def end(self, job_id: str, type: str, data: Any, *, started_id: str | None = None) -> str | None:
+    async def end(
+        self,
+        job_id: str,
+        type: str,
+        data: Any,
+        *,
+        started_id: str | None = None,
+        opening: tuple[dict[str, Any], str | None] | None = None,
+    ) -> str | None:
         """Append the terminal event unless the job already has one; return its id or ``None``.
+        Written even when Redis is out of memory.
 
         :param started_id: the ending attempt's ``started`` id: refused if another attempt owns the job.
+        :param opening: ``(queued data, tenant)`` to open the stream with first if it does not exist (a
+            job whose start Redis refused).
         """
         assert type in TERMINAL_TYPES, type
         result = await self._end(
@@ -259,7 +288,14 @@ class StreamStore:
                 keys.tenant(job_id),
                 keys.cancel_flag(job_id),
             ],
-            args=[type, jsonutil.dumps(data), self.ttl_seconds, started_id or ""],
+            args=[
+                type,
+                jsonutil.dumps(data),
+                self.ttl_seconds,
+                started_id or "",
+                jsonutil.dumps(opening[0]) if opening else "",
+                (opening[1] or "") if opening else "",
+            ],
         )
         return _text(result) if result else None
 
@@ -299,8 +335,9 @@ class StreamStore:
 
     # Writing deltas (the worker's hot path) ----------------------------------------------------------
 
-    async def append(self, batch: Batch) -> list[int]:
-        """Append a batch of entries in one script call; return the 1-based positions Redis refused.
+    async def append(self, batch: Batch) -> tuple[list[int], list[int]]:
+        """Append a batch of entries in one script call; return the 1-based positions Redis refused
+        (the attempt is fenced or its stream gone) and those it had no memory for.
 
         The command is packed here: redis-py would encode each of the thousands of arguments in Python
         and read one reply per command.
@@ -320,7 +357,8 @@ class StreamStore:
                 reply = await conn.read_response()
         finally:
             await pool.release(conn)
-        return [int(position) for position in reply or []]
+        refused, full = reply
+        return [int(position) for position in refused], [int(position) for position in full]
 
     async def has_entry(self, job_id: str, entry_id: bytes) -> bool:
         """Whether the stream holds this entry (a write replayed after a broken connection)."""
