@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     """Largest request line and headers of one request, together (a 431 past it)."""
     gateway_max_headers: int = Field(default=100, ge=8)
     """Most headers one request may carry (a 431 past it)."""
+    gateway_stall_seconds: float = Field(default=15, gt=0)
+    """A client that has read nothing for this long while the gateway had more to send is let go."""
 
     # Client tuning.
     max_request_bytes: int = Field(default=1_000_000, gt=0)

@@ -44,7 +44,11 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> N
         host=host,
         port=port,
         loop="uvloop",
-        http=bounded(max_head_bytes=settings.gateway_max_header_bytes, max_headers=settings.gateway_max_headers),
+        http=bounded(
+            max_head_bytes=settings.gateway_max_header_bytes,
+            max_headers=settings.gateway_max_headers,
+            stall_seconds=settings.gateway_stall_seconds,
+        ),
         log_level="warning",
         log_config=None,  # uvicorn's lines go through the process's own (JSON) logging
         access_log=False,

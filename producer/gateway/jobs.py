@@ -122,7 +122,7 @@ async def job_events(
     gateway = gateway_of(request)
     cursor = parse_cursor(last_event_id if last_event_id is not None else after)
     await gateway.job_for(request, job_id)
-    return sse_response(event_frames(gateway, job_id, cursor))
+    return sse_response(request, event_frames(gateway, job_id, cursor))
 
 
 async def event_frames(gateway: Gateway, job_id: str, cursor: str) -> AsyncIterator[bytes]:

@@ -103,7 +103,7 @@ async def chat_completions(
     headers = {JOB_HEADER: job_id}
     if body.get("stream"):
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return sse_response(_chat_frames(gateway, job_id, wants_usage), headers=headers)
+        return sse_response(request, _chat_frames(gateway, job_id, wants_usage), headers=headers)
     event = await gateway.fleet.wait(job_id, timeout=gateway.settings.job_deadline_seconds + 60)
     if event.type == DONE:
         return JSONResponse(event.data["result"]["completion"], headers=headers)
@@ -187,7 +187,7 @@ async def create_response(
     job_id = await gateway.fleet.submit(upstream, endpoint="responses", idempotency_key=idempotency_key, tenant=tenant)
     headers = {JOB_HEADER: job_id}
     if body.get("stream"):
-        return sse_response(_response_frames(gateway, job_id, -1), headers=headers)
+        return sse_response(request, _response_frames(gateway, job_id, -1), headers=headers)
     if background:
         return JSONResponse(_response_object(job_id, "queued", model=body.get("model")), headers=headers)
     event = await gateway.fleet.wait(job_id, timeout=gateway.settings.job_deadline_seconds + 60)
@@ -207,7 +207,7 @@ async def retrieve_response(
     gateway = gateway_of(request)
     await gateway.job_for(request, job_id)
     if stream:
-        return sse_response(_response_frames(gateway, job_id, starting_after))
+        return sse_response(request, _response_frames(gateway, job_id, starting_after))
     return JSONResponse(await _response_of(gateway, job_id))
 
 

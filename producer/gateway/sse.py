@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 PING = b": ping\n\n"
@@ -26,5 +27,33 @@ def frame(data: bytes, *, event: str | None = None, id: str | None = None) -> by
     return head + b"data: " + data + b"\n\n"
 
 
-def sse_response(frames: AsyncIterator[bytes], *, headers: dict[str, str] | None = None) -> StreamingResponse:
-    return StreamingResponse(frames, media_type="text/event-stream", headers={**HEADERS, **(headers or {})})
+CONNECTION = "streamfleet.connection"
+"""The ASGI scope extension under which ``limits.BoundedHttpTools`` puts its ``Link``."""
+
+
+class Link:
+    """Whether a request's connection is still there, as its protocol knows the moment it is lost."""
+
+    __slots__ = ("lost",)
+
+    def __init__(self) -> None:
+        self.lost = False
+
+
+async def _while_connected(frames: AsyncIterator[bytes], link: Link) -> AsyncIterator[bytes]:
+    """Stop at once when the client is gone. uvicorn's ``send`` returns without waiting once a client
+    has disconnected, so a generator with events queued would otherwise frame them all in one go,
+    never yielding to the loop (300 readers let go at once held every other reader up for seconds)."""
+    async for frame in frames:
+        if link.lost:
+            return
+        yield frame
+
+
+def sse_response(
+    request: Request, frames: AsyncIterator[bytes], *, headers: dict[str, str] | None = None
+) -> StreamingResponse:
+    """A streaming SSE response of ``frames`` that ends when its client goes away."""
+    link = request.scope.get("extensions", {}).get(CONNECTION)
+    body = _while_connected(frames, link) if isinstance(link, Link) else frames
+    return StreamingResponse(body, media_type="text/event-stream", headers={**HEADERS, **(headers or {})})
