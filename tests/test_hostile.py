@@ -269,7 +269,9 @@ async def test_subscribers_that_never_read_cost_the_others_nothing(
     sent = sum(event.type == "delta" for event in await history(fleet, job_id))
     for deltas, gap in results:
         assert deltas == sent
-        assert gap < 1.0  # the sleepers never hold a reader up (observed: 0.26-0.4 s; 2.7 s when 300 were let go at once before)
+        assert (
+            gap < 1.0
+        )  # the sleepers never hold a reader up (observed: 0.26-0.4 s; 2.7 s when 300 were let go at once before)
 
     def let_go(sleeper: socket.socket) -> bool:
         sleeper.settimeout(10)

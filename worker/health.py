@@ -2,7 +2,8 @@
 
     GET /metrics   Prometheus text (``worker.metrics``)
     GET /livez     200 while the heartbeat keeps ending its rounds (at least once a minute)
-    GET /readyz    200 while Redis was reached within two heartbeats and no shutdown has begun
+    GET /readyz    200 while Redis was reached within two heartbeats, every shared loop runs
+                   (``shared.tasks``), and no shutdown has begun
 
 It is served by the worker's own event loop, so an answer proves the loop turns: a loop blocked by
 a bug never answers, and the probe's timeout catches it. Redis reachability is reported by both and
@@ -48,11 +49,13 @@ class HealthServer:
             "running": len(runtime.supervisor.running),
             "draining": runtime.draining,
             "redis_seen_s_ago": round(now - runtime.redis_seen, 3) if runtime.redis_seen else None,
+            "loops_down": runtime.tasks.down,
+            "loop_restarts": runtime.tasks.restarts,
         }
         if path == b"/livez":
             ok = now - max(runtime.started, runtime.beat_at) < LIVE_S
         else:
-            ok = now - runtime.redis_seen < 2 * beat_every + 1 and not runtime.draining
+            ok = now - runtime.redis_seen < 2 * beat_every + 1 and not runtime.draining and runtime.tasks.healthy
         return (200 if ok else 503), b"application/json", orjson.dumps({"ok": ok, **state})
 
     def _route(self, path: bytes) -> tuple[int, bytes, bytes]:

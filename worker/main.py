@@ -98,13 +98,11 @@ async def serve(
     runtime = Runtime.create(settings, stores)
     worker = build_worker(runtime, concurrency=concurrency or settings.concurrency, burst=burst)
     await _check_eviction_policy(stores)
-    runtime.supervisor.start()
+    runtime.supervisor.start(runtime.tasks)
+    runtime.tasks.start("heartbeat", lambda: heartbeat.beat(runtime, lambda: worker.held))
+    runtime.tasks.start("orphan sweep", lambda: heartbeat.sweep_orphans(runtime))
     # Read at scrape time, the same list the heartbeat reports to `status`.
     metrics.RUNNING_JOBS.set_function(lambda: len(worker.held))
-    loops = [
-        asyncio.create_task(heartbeat.beat(runtime, lambda: worker.held)),
-        asyncio.create_task(heartbeat.sweep_orphans(runtime)),
-    ]
     health = HealthServer(runtime)
     if metrics_port is not None:
         await health.start(settings.metrics_host, metrics_port)
@@ -117,9 +115,6 @@ async def serve(
             await asyncio.wait(list(worker.tasks.values()), timeout=5)
     finally:
         await health.aclose()
-        for loop in loops:
-            loop.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
         await runtime.aclose()
         await stores.aclose()
         logger.info("worker %s: stopped", runtime.worker_id)

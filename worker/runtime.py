@@ -12,6 +12,7 @@ from typing import Any
 from shared.models import ERROR
 from shared.settings import Settings
 from shared.store import OutOfMemory, QueueStore, Stores, StreamStore
+from shared.tasks import Supervised
 
 from . import metrics
 from .supervisor import Supervisor
@@ -26,6 +27,8 @@ class Runtime:
     writer: StreamWriter
     upstream: Upstream
     supervisor: Supervisor
+    tasks: Supervised = field(default_factory=Supervised)
+    """The worker's shared loops (heartbeat, sweep, cancel listener, ticker): restarted if they die."""
     started: float = field(default_factory=time.monotonic)
     redis_seen: float = 0.0
     """When a heartbeat last reached Redis (monotonic): what the health probes judge Redis by."""
@@ -76,5 +79,5 @@ class Runtime:
         return True
 
     async def aclose(self) -> None:
-        await self.supervisor.aclose()
+        await self.tasks.aclose()
         await self.upstream.aclose()

@@ -13,12 +13,12 @@ its ``Watch``; a task cancelled with no reason is being shut down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 from shared.settings import Settings
 from shared.store import Stores
+from shared.tasks import Supervised
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ class Supervisor:
         self._stores = stores
         self._settings = settings
         self._watches: dict[str, Watch] = {}
-        self._tasks: list[asyncio.Task[None]] = []
         self.wake = asyncio.Event()
         """Set when a job was submitted (and by the poll loop when one of ours ends): look at the queue now."""
 
@@ -89,15 +88,10 @@ class Supervisor:
             watch.reason = reason
             watch.task.cancel()
 
-    def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._tick())]
-
-    async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def start(self, tasks: Supervised) -> None:
+        """Run the cancel listener and the timeout ticker under ``tasks``."""
+        tasks.start("cancel listener", self._listen)
+        tasks.start("timeout ticker", self._tick)
 
     async def _tick(self) -> None:
         idle = self._settings.idle_timeout_seconds

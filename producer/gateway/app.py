@@ -142,9 +142,11 @@ def create_app(settings: Settings) -> FastAPI:
             await gateway.fleet.stores.streams.ping()
         except StoreError as exc:
             return JSONResponse({"status": "degraded", "redis": False, "error": str(exc)}, 503)
-        if not gateway.fanout.healthy:
-            return JSONResponse({"status": "degraded", "redis": True, "error": "a fan-out reader has stopped"}, 503)
-        return JSONResponse({"status": "ok", "redis": True, "fanout_restarts": gateway.fanout.failures})
+        tasks = gateway.fanout.tasks
+        if not tasks.healthy:
+            error = f"shared tasks down: {', '.join(tasks.down)}"
+            return JSONResponse({"status": "degraded", "redis": True, "error": error}, 503)
+        return JSONResponse({"status": "ok", "redis": True, "fanout_restarts": tasks.restarts})
 
     @app.get("/metrics", tags=["health"])
     async def prometheus(request: Request) -> Response:

@@ -18,7 +18,7 @@ position.
 **A reader survives its input.** An error that one stream's entries cause (a corrupt entry, a
 reference that cannot be fetched) ends that stream's subscribers, who may resume; the reader logs
 it and carries on with the others. An error on the XREAD itself is retried with backoff. A reader
-that dies anyway is restarted, logged, and counted (``failures``), which ``/healthz`` reports.
+that dies anyway is restarted and logged (``shared.tasks``), which ``/healthz`` reports.
 
 **Pings.** One ticker task puts a ``None`` into the queue of every subscriber that has had nothing
 for ``ping_interval`` seconds, and ``events`` yields it: the SSE writer turns it into ``: ping``.
@@ -36,7 +36,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from typing import Final
 
 from shared.store import (
@@ -52,6 +52,7 @@ from shared.store import (
 )
 from shared.store.connect import BLOCK_MS
 from shared.store.streams import Wake
+from shared.tasks import Supervised
 
 logger = logging.getLogger(__name__)
 
@@ -224,38 +225,18 @@ class FanOut:
         self.ping_interval = ping_interval
         name = uuid.uuid4().hex
         self._readers = [_Reader(streams, streams.waker(name, i), f"reader {i}") for i in range(readers)]
-        self._tasks: list[asyncio.Task[None]] = []
-        self.failures = 0
-        """How many times a shared task died of an unexpected error (and was restarted)."""
+        self.tasks = Supervised()
+        """The readers and the pinger: restarted if they die, reported by ``/healthz``."""
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._supervised(reader.name, reader.run)) for reader in self._readers]
-        self._tasks.append(asyncio.create_task(self._supervised("pinger", self._ping)))
-
-    async def _supervised(self, name: str, run: Callable[[], Coroutine[None, None, None]]) -> None:
-        """Run a shared task, restarting it (after a pause) if it dies of an unexpected error."""
-        while True:
-            try:
-                await run()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.failures += 1
-                logger.exception("fan-out %s died; restarting it", name)
-                await asyncio.sleep(0.5)
-
-    @property
-    def healthy(self) -> bool:
-        """Every shared task is running."""
-        return len(self._tasks) == len(self._readers) + 1 and not any(task.done() for task in self._tasks)
+        for reader in self._readers:
+            self.tasks.start(f"fan-out {reader.name}", reader.run)
+        self.tasks.start("fan-out pinger", self._ping)
 
     async def aclose(self) -> None:
         for reader in self._readers:
             reader.stopping = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.wait(self._tasks, timeout=5)
+        await self.tasks.aclose()
         with contextlib.suppress(Exception):
             await self.streams.drop_wakes(reader.wake for reader in self._readers)
 

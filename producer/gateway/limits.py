@@ -10,8 +10,10 @@ with a JSON error and the connection is closed; nothing of it reaches the applic
 **Clients that stop reading.** A subscriber that reads nothing must not cost the others: each
 connection's kernel send buffer and the gateway's own are capped (``SEND_BUFFER``,
 ``WRITE_HIGH_WATER``: no autotuning to megabytes per idle reader, no host-wide TCP memory pressure),
-so the gateway stops writing to it after a couple of hundred events; and a connection whose writes have stayed paused for ``STREAMFLEET_GATEWAY_STALL_SECONDS``
-is closed (its client resumes with ``Last-Event-ID``). One timer per stall, none per event.
+so the gateway stops writing to it after a couple of hundred events; a connection whose writes have
+stayed paused for ``STREAMFLEET_GATEWAY_STALL_SECONDS`` is aborted (its client resumes with
+``Last-Event-ID``), one timer per stall and none per event; and an SSE response stops the moment its
+connection is lost (``sse.Link``).
 
 Behind a proxy (nginx, an ingress, a load balancer), set the proxy's own header limits at or below
 these, so that it answers first; the proxy then holds the slow readers' buffers.
