@@ -78,6 +78,10 @@ def test_errors_exit_2_with_one_line(fleet_env: dict[str, str], tmp_path: Path) 
         ("submit", "hi", "--endpoint", "embeddings"),
         ("submit",),
         ("tail", "job_x", "--after", "yesterday"),
+        ("tail", "job_x", "--after", "99999999999999999999999"),  # past 2**64: Redis would refuse it
+        ("tail", "job_x", "--after", "\u0661"),  # a digit, but not an ASCII one
+        ("tail", "job_x", "--after", "5\n"),
+        ("submit", "hi", "--idempotency-key", "a\tb"),  # control characters (a NUL cannot be an argument)
     ):
         ran = cli(*args, env=fleet_env)
         assert ran.returncode == 2, (args, ran.stdout, ran.stderr)
@@ -85,6 +89,25 @@ def test_errors_exit_2_with_one_line(fleet_env: dict[str, str], tmp_path: Path) 
             args,
             ran.stderr,
         )
+
+
+@pytest.mark.parametrize(
+    ("variables", "args", "says"),
+    [
+        ({"STREAMFLEET_REDIS_URL": "redis://127.0.0.1:1/0"}, ("status",), "cannot reach Redis"),
+        ({"STREAMFLEET_REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"}, ("submit", "hi"), "cannot reach Redis"),
+        ({"STREAMFLEET_REDIS_URL": "http://redis:6379"}, ("status",), "STREAMFLEET_REDIS_URL"),
+        ({"STREAMFLEET_UPSTREAM_BASE_URL": "ftp://x"}, ("worker",), "STREAMFLEET_UPSTREAM_BASE_URL"),
+        ({"STREAMFLEET_UPSTREAM_BASE_URL": "ftp://x"}, ("gateway", "--port", "1"), "STREAMFLEET_UPSTREAM_BASE_URL"),
+        ({}, ("result", "job_x", "--timeout", "-5"), "timeout"),
+    ],
+)
+def test_configuration_errors_exit_2_with_one_line(
+    variables: dict[str, str], args: tuple[str, ...], says: str, fleet_env: dict[str, str]
+) -> None:
+    ran = cli(*args, env={**fleet_env, **variables})
+    assert ran.returncode == 2, (args, ran.stderr)
+    assert says in ran.stderr and "Traceback" not in ran.stderr and "hunter2" not in ran.stderr
 
 
 def test_failed_job_exits_1(fleet_env: dict[str, str], start_worker: WorkerFactory) -> None:

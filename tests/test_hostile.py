@@ -286,3 +286,55 @@ async def test_subscribers_that_never_read_cost_the_others_nothing(
 
     assert all(await asyncio.gather(*(asyncio.to_thread(let_go, sleeper) for sleeper in sleepers)))
     assert peak < 300
+
+
+async def test_hostile_requests_get_a_clear_400_and_stall_no_other_stream(
+    fleet: FleetClient, start_gateway: GatewayFactory, start_worker: WorkerFactory
+) -> None:
+    """Cursors Redis would refuse, NaN, deep nesting, control characters: each a 400 that says what is
+    wrong, before anything reaches a shared reader or the queue; a live stream beside them misses nothing."""
+    start_worker()
+    gateway = start_gateway(env={"STREAMFLEET_GATEWAY_API_KEYS": "key-a,key-b"})
+    tenant_a, tenant_b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    async with httpx.AsyncClient(base_url=gateway, timeout=30) as client:
+        live = chat_request("a stream beside the attacks", tokens=120)
+        live["simulator"]["tps"] = 60
+        job_id = (await client.post("/v1/jobs", json={"request": live}, headers=tenant_a)).json()["id"]
+
+        async def watch() -> list[str]:
+            async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=tenant_a) as response:
+                return [line for line in [line async for line in response.aiter_lines()] if line.startswith("id: ")]
+
+        watching = asyncio.create_task(watch())
+        events = f"/v1/jobs/{job_id}/events"
+        for attack in ("99999999999999999999999", "\u0661", "5\n", "5-99999999999999999999", "-1", "0x10"):
+            answer = await client.get(events, params={"after": attack}, headers=tenant_a)
+            assert answer.status_code == 400 and "invalid event id" in answer.json()["error"]["message"], attack
+            if "\n" not in attack:
+                header = {"Last-Event-ID": attack.encode()}  # UTF-8 bytes, as a browser would send them
+                answer = await client.get(events, headers={**tenant_a, **header})
+                assert answer.status_code == 400, attack
+        nan = b'{"request": {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}}'
+        big_and_nan = nan.replace(b'"temperature"', b'"seed": 12345678901234567890123, "temperature"')
+        deep = b'{"request": {"model": "m", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 100_000
+        deep += b"1" + b"]" * 100_000 + b"}}"
+        for body in (nan, big_and_nan, deep):
+            for route in ("/v1/jobs", "/v1/chat/completions"):
+                payload = body if route == "/v1/jobs" else body[len(b'{"request": ') : -1]
+                answer = await client.post(
+                    route, content=payload, headers={**tenant_a, "content-type": "application/json"}
+                )
+                assert answer.status_code == 400, (route, body[:60], answer.text[:200])
+        control = {"request": live, "idempotency_key": "a\u0000b"}
+        assert (await client.post("/v1/jobs", json=control, headers=tenant_a)).status_code == 400
+        foreign = await client.get(f"/v1/jobs/{job_id}", headers=tenant_b)
+        unknown = await client.get("/v1/jobs/job_0000", headers=tenant_b)
+        assert foreign.status_code == unknown.status_code == 404
+        assert foreign.json()["error"]["message"].replace(job_id, "X") == unknown.json()["error"]["message"].replace(
+            "job_0000", "X"
+        )
+        ids = await asyncio.wait_for(watching, timeout=30)
+        health = (await client.get("/healthz")).json()
+    history_ids = [event.id for event in await history(fleet, job_id)]
+    assert [line[4:] for line in ids] == history_ids  # the live stream missed nothing
+    assert health == {"status": "ok", "redis": True, "fanout_restarts": 0}

@@ -18,9 +18,10 @@ import pytest
 import redis
 
 from producer import FleetClient
-from producer.gateway.fanout import FanOut
+from producer.gateway.fanout import FanOut, ReadFailed
 from shared.models import CANCELLED, DONE, ERROR, STARTED
 from shared.store import Entry, RawEntry, StreamReader, StreamStore, keys
+from shared.tasks import RESTART_AFTER_S, Supervised
 from simulator import expected_text
 from tests.conftest import (
     ROOT,
@@ -292,3 +293,49 @@ async def test_the_gateway_forwards_the_stored_bytes_and_its_wake_streams_expire
     assert data == [b'{"attempt":1,"chunk":' + chunk + b"}" for chunk in chunks]
     wakes = list(stream_redis.scan_iter(match="sf:gateway:*"))
     assert wakes and all(0 < stream_redis.ttl(key) <= 600 for key in wakes)
+
+
+async def test_a_fanout_read_that_fails_ends_only_the_stream_that_caused_it(
+    fleet: FleetClient, start_worker: WorkerFactory
+) -> None:
+    """Whatever makes the shared XREAD fail (here a cursor Redis refuses, slipped past the checks as a
+    bug would), the reader finds the stream that caused it, ends that one's subscribers, and goes on."""
+    start_worker()
+    healthy = await fleet.submit(chat("shared reader, healthy", tokens=80, tps=40))
+    poisoned = await fleet.submit(chat("shared reader, poisoned", tokens=10, ttft_ms=3000))  # quiet a while
+    fanout = FanOut(fleet.stores.streams, readers=1, ping_interval=60)
+    fanout.start()
+    try:
+
+        async def read(job_id: str) -> list[str]:
+            return [entry.id async for entry in fanout.events(job_id) if entry is not None]
+
+        reading = asyncio.create_task(read(healthy))
+        failing = asyncio.create_task(read(poisoned))
+        await asyncio.sleep(0.5)
+        reader = fanout._readers[0]
+        follow = reader.follows[poisoned]
+        follow.cursor = reader.cursors[follow.handle] = "99999999999999999999999"
+        with pytest.raises(ReadFailed):
+            await asyncio.wait_for(failing, timeout=10)
+        assert await asyncio.wait_for(reading, timeout=30) == [event.id for event in await history(fleet, healthy)]
+        assert fanout.tasks.healthy and fanout.tasks.restarts == 0
+    finally:
+        await fanout.aclose()
+
+
+async def test_a_shared_loop_that_dies_is_restarted_and_reported() -> None:
+    tasks, runs = Supervised(), []
+
+    async def flaky() -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("a bug in a shared loop")
+        await asyncio.sleep(3600)
+
+    tasks.start("flaky loop", flaky)
+    await asyncio.sleep(0.05)
+    assert not tasks.healthy and tasks.down == ["flaky loop"]  # down while it waits to restart
+    await asyncio.sleep(RESTART_AFTER_S + 0.2)
+    assert tasks.healthy and tasks.restarts == 1 and len(runs) == 2
+    await tasks.aclose()

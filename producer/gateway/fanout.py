@@ -182,7 +182,8 @@ class _Reader:
         own, once, and end the subscribers of those that fail, so one stream never stops the others."""
         for job_id, follow in list(self.follows.items()):
             try:
-                await self.streams.follow({follow.handle: follow.cursor}, wake=self.wake, count=1, block_ms=None)
+                cursor = self.cursors[follow.handle]  # what the shared read sent
+                await self.streams.follow({follow.handle: cursor}, wake=self.wake, count=1, block_ms=None)
             except Unavailable:
                 return  # the next shared read waits for Redis
             except Exception as exc:
