@@ -72,6 +72,13 @@ class Event(NamedTuple):
         return {"id": self.id, "type": self.type, "data": self.data}
 
 
+def fleet_asks_usage(request: dict[str, Any]) -> bool:
+    """Whether the fleet adds ``stream_options.include_usage`` to a Chat Completions request on its own
+    account (the result carries usage): when the request says nothing of ``stream_options``. What
+    that adds is taken out again for the client (``producer.gateway.openai``)."""
+    return "stream_options" not in request
+
+
 def queued_data(job_id: str, endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
     """The data of a job's ``queued`` event."""
     return {"job_id": job_id, "endpoint": endpoint, "model": request.get("model")}

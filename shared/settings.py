@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     """Largest request line and headers of one request, together (a 431 past it)."""
     gateway_max_headers: int = Field(default=100, ge=8)
     """Most headers one request may carry (a 431 past it)."""
+    gateway_cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated origins a browser page may call the gateway from (CORS); none by default."""
+    gateway_token_secret: SecretStr | None = None
+    """Signs the job-scoped read tokens for browsers; unset: derived from the API keys."""
+    gateway_token_ttl_seconds: int = Field(default=900, gt=0, le=3600)
+    """How long a read token is good for, unless its request asks for less."""
     gateway_stall_seconds: float = Field(default=15, gt=0)
     """A client that has read nothing for this long while the gateway had more to send is let go."""
 
@@ -118,7 +124,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1_000_000, gt=0)
     """Largest request body accepted at submit."""
 
-    @field_validator("gateway_api_keys", mode="before")
+    @field_validator("gateway_api_keys", "gateway_cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

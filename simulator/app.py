@@ -51,6 +51,10 @@ class Stats:
     paths: dict[str, int] = field(default_factory=dict)
 
 
+MODELS = ("sim", "sim-large")
+"""The names ``/v1/models`` lists."""
+
+
 def _sse(data: Any, event: str | None = None) -> bytes:
     head = b"event: " + event.encode() + b"\n" if event else b""
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
@@ -282,6 +286,11 @@ class Simulator:
     async def stats_route(self, request: Request) -> Response:
         return JSONResponse(asdict(self.stats))
 
+    async def models(self, request: Request) -> Response:
+        """The model list, as OpenAI's ``GET /v1/models`` answers (the simulator answers any model name)."""
+        models = [{"id": name, "object": "model", "created": 1700000000, "owned_by": "simulator"} for name in MODELS]
+        return JSONResponse({"object": "list", "data": models})
+
 
 def create_app(config: SimulatorConfig | None = None) -> Starlette:
     """The simulator as an ASGI app."""
@@ -290,6 +299,7 @@ def create_app(config: SimulatorConfig | None = None) -> Starlette:
         routes=[
             Route("/v1/chat/completions", simulator.chat_completions, methods=["POST"]),
             Route("/v1/responses", simulator.responses, methods=["POST"]),
+            Route("/v1/models", simulator.models, methods=["GET"]),
             Route("/_simulator/stats", simulator.stats_route, methods=["GET"]),
         ]
     )

@@ -123,3 +123,20 @@ async def end_orphans(runtime: Runtime, *, still_for_ms: int) -> int:
                     logger.warning("job %s: error (%s)", job_id, message, extra=fields)
         if cursor == 0:
             return ended
+
+
+MODELS_EVERY_S = 300
+MODELS_TTL_S = 900
+
+
+async def publish_models(runtime: Runtime) -> None:
+    """Run until cancelled: every ``MODELS_EVERY_S``, put the upstream's model list where the gateways
+    read it (``/v1/models``); the gateways hold no upstream key, the workers do."""
+    while True:
+        models = await runtime.upstream.models()
+        if models is not None:
+            try:
+                await runtime.queue.set_models(models, ttl_s=MODELS_TTL_S)
+            except Exception as exc:
+                logger.warning("could not keep the upstream's model list: %s", exc)
+        await asyncio.sleep(MODELS_EVERY_S)

@@ -101,6 +101,7 @@ async def serve(
     runtime.supervisor.start(runtime.tasks)
     runtime.tasks.start("heartbeat", lambda: heartbeat.beat(runtime, lambda: worker.held))
     runtime.tasks.start("orphan sweep", lambda: heartbeat.sweep_orphans(runtime))
+    runtime.tasks.start("model list", lambda: heartbeat.publish_models(runtime))
     # Read at scrape time, the same list the heartbeat reports to `status`.
     metrics.RUNNING_JOBS.set_function(lambda: len(worker.held))
     health = HealthServer(runtime)

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from shared import jsonutil
-from shared.models import UPSTREAM_PATHS, Error, make_error
+from shared.models import UPSTREAM_PATHS, Error, fleet_asks_usage, make_error
 from shared.settings import Settings
 from shared.sse import SSEEvent, SSEParser, SSETooLarge
 
@@ -46,6 +46,7 @@ MAX_ERROR_BODY = 64 * 1024
 DECODE_STEP = 64 * 1024
 """A compressed body is inflated this much at a time: a bomb never sits in memory whole."""
 REDACTED = "[redacted]"
+MAX_MODELS_BODY = 1024 * 1024
 
 
 class UpstreamError(Exception):
@@ -273,12 +274,30 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    async def models(self) -> list[dict[str, Any]] | None:
+        """The upstream's model list (``GET /models``), or ``None`` if it will not say."""
+        try:
+            async with self._client.stream("GET", "/models", headers={"accept": "application/json"}) as response:
+                raw = await bounded_body(response, MAX_MODELS_BODY)
+                if response.status_code != 200:
+                    return None
+        except (httpx.HTTPError, UpstreamError):
+            return None
+        try:
+            listed = jsonutil.loads(raw)
+        except ValueError:
+            return None
+        data = listed.get("data") if isinstance(listed, dict) else None
+        if not isinstance(data, list):
+            return None
+        return [scrub(model, self.secrets) for model in data if isinstance(model, dict) and "id" in model]
+
     @asynccontextmanager
     async def open(self, endpoint: str, request: dict[str, Any]) -> AsyncIterator[AsyncIterator[SSEEvent]]:
         """Open the stream for ``request``; yields its SSE events. Closing the context closes the
         connection, so a cancelled job stops the upstream at once."""
         body = {**request, "stream": True}
-        if endpoint == "chat.completions" and "stream_options" not in body:
+        if endpoint == "chat.completions" and fleet_asks_usage(request):
             # The fleet's result carries usage; OpenAI sends it only when asked.
             body["stream_options"] = {"include_usage": True}
         try:

@@ -14,8 +14,10 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import InvalidRequest, JobEnded, StorageFull, UnknownJob
@@ -32,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 def error_body(status: int, message: str, type_: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status)
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": status}}, status)
 
 
 class BodyLimit:
@@ -95,6 +97,16 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_middleware(metrics.RequestMetrics)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    if settings.gateway_cors_origins:
+        # Browsers, opt-in: pages from these origins only; a page holds a job's read token, never a key.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.gateway_cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "last-event-id", "idempotency-key"],
+            expose_headers=[openai.JOB_HEADER],
+            max_age=600,
+        )
 
     @app.exception_handler(InvalidRequest)
     async def invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
@@ -108,9 +120,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def ended(request: Request, exc: JobEnded) -> JSONResponse:
         return error_body(502, str(exc), "upstream_error")
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        kinds = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Every error, routing's 404 and 405 included, in OpenAI's shape: SDKs and UIs read it.
+        kinds = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}
         return error_body(exc.status_code, str(exc.detail), kinds.get(exc.status_code, "invalid_request_error"))
 
     @app.exception_handler(RequestValidationError)

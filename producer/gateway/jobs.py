@@ -6,12 +6,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.responses import StreamingResponse
 
 from shared.models import DELTA
-from shared.store import Entry, format_id
+from shared.store import Entry, format_id, parse_id
 from shared.store import parse_cursor as check_cursor
 
 from . import metrics
@@ -21,6 +21,9 @@ from .sse import PING, frame, sse_response
 from .state import Gateway, gateway_of
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
+
+RECONNECT_MS = 2000
+"""The ``retry:`` every events stream opens with: a browser's wait before it reconnects."""
 
 
 class JobSubmission(BaseModel):
@@ -116,17 +119,28 @@ async def job_events(
     request: Request,
     after: Annotated[str | None, Query(description="Start after this event id.")] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-) -> StreamingResponse:
+    token: Annotated[str | None, Query(description="A read token for this job (browsers).")] = None,
+) -> Response:
     """The job's events as SSE, from the start or after ``Last-Event-ID`` / ``?after=``, live, until
-    the terminal event. ``: ping`` comments keep an idle connection open."""
+    the terminal event; a 204 when the cursor is at or past the end. ``: ping`` comments keep an
+    idle connection open. ``?token=`` (``POST /v1/jobs/{id}/tokens``) stands in for the key."""
     gateway = gateway_of(request)
     cursor = parse_cursor(last_event_id if last_event_id is not None else after)
-    await gateway.job_for(request, job_id)
+    await gateway.job_for(request, job_id, scope=job_id)
+    ended = await gateway.fleet.stores.streams.ended_at(job_id) if cursor != "0-0" else None
+    if ended is not None and parse_id(ended) <= parse_id(cursor):
+        # Resumed at or after the end (every EventSource does this after a normal end): nothing more
+        # will come, and a 204 is what makes a browser stop reconnecting.
+        return Response(status_code=204)
     return sse_response(request, event_frames(gateway, job_id, cursor))
+
+
+RETRY_FRAME = b"retry: %d\n\n" % RECONNECT_MS
 
 
 async def event_frames(gateway: Gateway, job_id: str, cursor: str) -> AsyncIterator[bytes]:
     metrics.OPEN_STREAMS.inc()
+    yield RETRY_FRAME  # how long a browser waits before it reconnects with Last-Event-ID
     try:
         async for entry in gateway.fanout.events(job_id, after=cursor):
             if entry is None:
@@ -143,6 +157,27 @@ async def event_frames(gateway: Gateway, job_id: str, cursor: str) -> AsyncItera
         yield b": the job's stream expired\n\n"
     finally:
         metrics.OPEN_STREAMS.dec()
+
+
+class TokenRequest(BaseModel):
+    ttl_seconds: int | None = Field(default=None, gt=0, le=3600, description="Seconds the token is good for.")
+
+
+class ReadToken(BaseModel):
+    token: str
+    expires_at: int
+    events_url: str
+
+
+@router.post("/{job_id}/tokens", response_model=ReadToken)
+async def read_token(job_id: str, request: Request, body: TokenRequest | None = None) -> ReadToken:
+    """A short-lived token that reads this job's events and nothing else (``?token=`` on its events
+    route), for a browser: mint it on your backend with your key and hand it to the page."""
+    gateway = gateway_of(request)
+    tenant = await gateway.job_for(request, job_id)
+    ttl = (body.ttl_seconds if body is not None else None) or gateway.auth.token_ttl_s
+    token, expires = gateway.auth.mint(job_id, tenant, ttl)
+    return ReadToken(token=token, expires_at=expires, events_url=f"/v1/jobs/{job_id}/events?token={token}")
 
 
 @router.post("/{job_id}/cancel", response_model=JobStatus, response_model_exclude_none=True)

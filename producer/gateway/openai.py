@@ -17,14 +17,14 @@ attempt's events from 0, the same way on every replay. Response ids inside event
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from shared import jsonutil
-from shared.models import CANCELLED, DELTA, DONE, ERROR, RETRY
+from shared.models import CANCELLED, DELTA, DONE, ERROR, RETRY, fleet_asks_usage
 from shared.store import Entry
 
 from . import metrics
@@ -38,22 +38,83 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 JOB_HEADER = "X-Streamfleet-Job-Id"
 
 
-def _error_payload(error: dict[str, Any]) -> dict[str, Any]:
-    return {"error": {"message": error.get("message"), "type": error.get("type"), "code": error.get("status")}}
+_OPENAI_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "upstream_unreachable": "api_connection_error",
+    "timeout": "timeout",
+    "storage_full": "server_error",
+    "worker_lost": "server_error",
+    "internal": "server_error",
+}
+_STATUS_OF = {"invalid_request": 400, "timeout": 504, "storage_full": 503, "internal": 500}
 
 
-def _error_status(error: dict[str, Any]) -> int:
+def error_payload(error: dict[str, Any]) -> dict[str, Any]:
+    """An Error as OpenAI shapes one: the upstream's own ``error`` object when it sent one (its type,
+    code and param are what SDKs and UIs look at), else the fleet's."""
+    upstream = error.get("upstream")
+    given = upstream.get("error") if isinstance(upstream, dict) else None
+    if isinstance(given, dict):
+        return {
+            "error": {
+                "message": given.get("message") or error.get("message"),
+                "type": given.get("type") or "upstream_error",
+                "param": given.get("param"),
+                "code": given.get("code"),
+            }
+        }
+    kind = str(error.get("type"))
+    return {
+        "error": {"message": error.get("message"), "type": _OPENAI_TYPES.get(kind, kind), "param": None, "code": kind}
+    }
+
+
+def error_status(error: dict[str, Any]) -> int:
+    """The HTTP status of a job's error: the upstream's own, else the fleet's for its kind."""
     status = error.get("status")
-    if isinstance(status, int) and 400 <= status < 500:
+    if isinstance(status, int) and 400 <= status < 600:
         return status
-    return 504 if error.get("type") == "timeout" else 502
+    return _STATUS_OF.get(str(error.get("type")), 502)
+
+
+def _error_response(entry: Entry, headers: dict[str, str]) -> JSONResponse:
+    """A job that ended before its first token, answered as OpenAI would: with a status."""
+    if entry.type == CANCELLED:
+        return JSONResponse(
+            {"error": {"message": "the job was cancelled", "type": "cancelled", "param": None, "code": "cancelled"}},
+            409,
+            headers=headers,
+        )
+    error = entry.data["error"]
+    return JSONResponse(error_payload(error), error_status(error), headers=headers)
+
+
+async def _opening(events: AsyncIterator[Entry | None]) -> list[Entry]:
+    """The job's events up to its first delta or its end: a stream's status line waits for them, so
+    that an error before the first token is an HTTP error (what every SDK's retry logic keys on)."""
+    head: list[Entry] = []
+    async for entry in events:
+        if entry is None:
+            continue  # nothing is sent yet: no ping to send either
+        head.append(entry)
+        if entry.type == DELTA or entry.terminal:
+            break
+    return head
+
+
+async def _then(head: list[Entry], events: AsyncIterator[Entry | None]) -> AsyncIterator[Entry | None]:
+    for first in head:
+        yield first
+    if not (head and head[-1].terminal):
+        async for entry in events:
+            yield entry
 
 
 def _error_entry(entry_id: str, error: dict[str, Any]) -> Entry:
     return Entry(entry_id, ERROR, 0, jsonutil.dumps({"error": error, "partial": None}))
 
 
-async def _events(gateway: Gateway, job_id: str, after: str = "0") -> AsyncIterator[Entry | None]:
+async def _events(gateway: Gateway, job_id: str, after: str = "0") -> AsyncGenerator[Entry | None, None]:
     """The job's events for an OpenAI-shaped client: deltas of the current attempt only; a retry
     after this client got deltas of the failing attempt ends the stream with an ``error`` event."""
     current = max(1, await gateway.fleet.stores.streams.attempts(job_id))
@@ -86,6 +147,30 @@ async def _events(gateway: Gateway, job_id: str, after: str = "0") -> AsyncItera
         metrics.OPEN_STREAMS.dec()
 
 
+# Models --------------------------------------------------------------------------------------------
+
+
+@router.get("/models")
+async def list_models(request: Request) -> Response:
+    """The upstream's models, as OpenAI lists them (a worker reads the list every few minutes; the
+    gateway holds no upstream key)."""
+    gateway = gateway_of(request)
+    gateway.auth.tenant(request)
+    models = await gateway.fleet.stores.queue.models()
+    return JSONResponse({"object": "list", "data": models or []})
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, request: Request) -> Response:
+    """One of the upstream's models."""
+    gateway = gateway_of(request)
+    gateway.auth.tenant(request)
+    for entry in await gateway.fleet.stores.queue.models() or []:
+        if entry.get("id") == model:
+            return JSONResponse(entry)
+    raise HTTPException(404, f"the model {model!r} does not exist (GET /v1/models lists them)")
+
+
 # Chat Completions ----------------------------------------------------------------------------------
 
 
@@ -102,34 +187,50 @@ async def chat_completions(
     )
     headers = {JOB_HEADER: job_id}
     if body.get("stream"):
-        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return sse_response(request, _chat_frames(gateway, job_id, wants_usage), headers=headers)
+        events = _events(gateway, job_id)
+        head = await _opening(events)
+        if head and head[-1].type in (ERROR, CANCELLED) and not any(entry.type == DELTA for entry in head):
+            await events.aclose()
+            return _error_response(head[-1], headers)
+        frames = _chat_frames(_then(head, events), hide_usage=fleet_asks_usage(body))
+        return sse_response(request, frames, headers=headers)
     event = await gateway.fleet.wait(job_id, timeout=gateway.settings.job_deadline_seconds + 60)
     if event.type == DONE:
         return JSONResponse(event.data["result"]["completion"], headers=headers)
-    if event.type == CANCELLED:
-        return JSONResponse({"error": {"message": "the job was cancelled", "type": "cancelled"}}, 409, headers=headers)
-    return JSONResponse(_error_payload(event.data["error"]), _error_status(event.data["error"]), headers=headers)
+    return _error_response(Entry(event.id, event.type, 0, jsonutil.dumps(event.data)), headers)
 
 
-async def _chat_frames(gateway: Gateway, job_id: str, wants_usage: bool) -> AsyncIterator[bytes]:
-    async for event in _events(gateway, job_id):
+def _usage_removed(chunk: dict[str, Any]) -> dict[str, Any] | None:
+    """A chunk without what asking for usage added: its ``usage``, and the chunk itself if usage was
+    all it carried (no choice with a delta, a finish reason or logprobs), whatever its shape."""
+    rest = {key: value for key, value in chunk.items() if key != "usage"}
+    choices = rest.get("choices")
+    if isinstance(choices, list) and any(
+        not isinstance(choice, dict) or choice.get("delta") or choice.get("finish_reason") or choice.get("logprobs")
+        for choice in choices
+    ):
+        return rest
+    return None
+
+
+async def _chat_frames(events: AsyncIterator[Entry | None], *, hide_usage: bool) -> AsyncIterator[bytes]:
+    """The job's chunks as OpenAI streams them. ``hide_usage``: the fleet asked the upstream for usage
+    on its own account (the client's request did not say), so usage is taken out again."""
+    async for event in events:
         if event is None:
             yield PING
         elif event.type == DELTA:
-            chunk = event.data["chunk"] if not wants_usage else None
+            chunk = event.data["chunk"] if hide_usage else None
             if isinstance(chunk, dict) and "usage" in chunk:
-                # The fleet asked the upstream for usage; a client that did not ask gets none.
-                if chunk.get("choices") == [] and chunk.get("usage") is not None:
-                    continue
-                if chunk["usage"] is None:
-                    yield frame(jsonutil.dumps({key: value for key, value in chunk.items() if key != "usage"}))
-                    continue
+                kept = _usage_removed(chunk)
+                if kept is not None:
+                    yield frame(jsonutil.dumps(kept))
+                continue
             yield frame(event.body)  # the upstream's bytes, as they came
         elif event.type == DONE:
             yield b"data: [DONE]\n\n"
         elif event.type == ERROR:
-            yield frame(jsonutil.dumps(_error_payload(event.data["error"])))
+            yield frame(jsonutil.dumps(error_payload(event.data["error"])))
         elif event.type == CANCELLED:
             yield frame(jsonutil.dumps({"error": {"message": "the job was cancelled", "type": "cancelled"}}))
 
@@ -187,12 +288,17 @@ async def create_response(
     job_id = await gateway.fleet.submit(upstream, endpoint="responses", idempotency_key=idempotency_key, tenant=tenant)
     headers = {JOB_HEADER: job_id}
     if body.get("stream"):
-        return sse_response(request, _response_frames(gateway, job_id, -1), headers=headers)
+        events = _events(gateway, job_id)
+        head = await _opening(events)
+        if head and head[-1].type in (ERROR, CANCELLED) and not any(entry.type == DELTA for entry in head):
+            await events.aclose()
+            return _error_response(head[-1], headers)
+        return sse_response(request, _response_frames(_then(head, events), job_id, -1), headers=headers)
     if background:
         return JSONResponse(_response_object(job_id, "queued", model=body.get("model")), headers=headers)
     event = await gateway.fleet.wait(job_id, timeout=gateway.settings.job_deadline_seconds + 60)
     if event.type == ERROR:
-        return JSONResponse(_error_payload(event.data["error"]), _error_status(event.data["error"]), headers=headers)
+        return _error_response(Entry(event.id, event.type, 0, jsonutil.dumps(event.data)), headers)
     return JSONResponse(await _response_of(gateway, job_id), headers=headers)
 
 
@@ -207,7 +313,7 @@ async def retrieve_response(
     gateway = gateway_of(request)
     await gateway.job_for(request, job_id)
     if stream:
-        return sse_response(request, _response_frames(gateway, job_id, starting_after))
+        return sse_response(request, _response_frames(_events(gateway, job_id), job_id, starting_after))
     return JSONResponse(await _response_of(gateway, job_id))
 
 
@@ -224,9 +330,11 @@ async def cancel_response(job_id: str, request: Request) -> Response:
     return JSONResponse(await _response_of(gateway, job_id))
 
 
-async def _response_frames(gateway: Gateway, job_id: str, starting_after: int) -> AsyncIterator[bytes]:
+async def _response_frames(
+    events: AsyncIterator[Entry | None], job_id: str, starting_after: int
+) -> AsyncIterator[bytes]:
     number = 0
-    async for event in _events(gateway, job_id):
+    async for event in events:
         if event is None:
             yield PING
         elif event.type == DELTA:

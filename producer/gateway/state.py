@@ -21,9 +21,12 @@ class Gateway:
     auth: Auth
     settings: Settings
 
-    async def job_for(self, request: Request, job_id: str) -> str | None:
-        """Check the caller may see ``job_id``; return its tenant. Another tenant's job is a 404."""
-        tenant = self.auth.tenant(request)
+    async def job_for(self, request: Request, job_id: str, *, scope: str | None = None) -> str | None:
+        """Check the caller may see ``job_id``; return its tenant. Another tenant's job is a 404.
+
+        :param scope: set by the one route where a job-scoped read token stands in for a key.
+        """
+        tenant = self.auth.tenant(request, job=scope)
         check_job_id(job_id)
         if not await self.fleet.stores.streams.exists(job_id):  # no need to read (and decode) an event
             raise UnknownJob(job_id)

@@ -25,6 +25,8 @@ key                         type         role                                   
 ``sf:failures``             list         latest 50 jobs that ended in error      none               worker, reaper
 ``sf:sweep``                string       lock of the worker sweeping for         the sweep period   a worker
                                          orphans
+``sf:models``               string       the upstream's model list (JSON), for   15 min             a worker, every
+                                         the gateway's ``/v1/models``                               5 min
 ``sf:cancel``               channel      a cancel names its job id               -                  cancel
 ``sf:queued``               channel      a submit names its job id               -                  submit
 =========================== ============ ======================================= ================== ==============
@@ -35,8 +37,8 @@ with the job id as a hash tag so that a job's keys share a Redis Cluster slot.
 =========================== ============ ======================================= ================== ==============
 key                         type         role                                    TTL                written by
 =========================== ============ ======================================= ================== ==============
-``sf:{<id>}:events``        stream       every event of the job (``store.codec``) queue expiry +    submit or the
-                                                                                 2 deadlines; once  first worker;
+``sf:{<id>}:events:v1``     stream       every event of the job, entry format 1  queue expiry +    submit or the
+                                         (``store.codec``, docs/stream-format.md) 2 deadlines; once  first worker;
                                                                                  ended, the stream  the workers;
                                                                                  TTL (1 h)          cancel
 ``sf:{<id>}:attempt``       string       the ``started`` id of the attempt that  as the stream      start, void

@@ -1,5 +1,6 @@
-"""The job-stream entry format: how events lie in a Redis Stream. Both sides import it; nothing else
-touches raw entry fields.
+"""The job-stream entry format (version ``FORMAT``; ``docs/stream-format.md`` specifies it for readers in
+any language): how events lie in a Redis Stream. Both sides import it; nothing else touches raw
+entry fields.
 
 Every entry has exactly two fields, so Redis stores the field names once per stream node:
 
@@ -38,6 +39,10 @@ from typing import Any, Final
 from .. import jsonutil
 from ..errors import InvalidRequest
 from ..models import DELTA, TERMINAL_TYPES, Event
+
+FORMAT: Final = 1
+"""The version of this entry format. It is part of the stream's key (``keys.events``): a reader of one
+format never meets another's entries. ``docs/stream-format.md`` is its specification."""
 
 T: Final = b"t"
 D: Final = b"d"

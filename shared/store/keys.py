@@ -14,6 +14,8 @@ from typing import Final
 
 from arq.constants import abort_jobs_ss, default_queue_name, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
+from .codec import FORMAT
+
 # The queue ------------------------------------------------------------------------------------------
 
 QUEUE: Final = default_queue_name
@@ -28,6 +30,8 @@ WORKER_PREFIX: Final = "sf:worker:"
 FAILURES: Final = "sf:failures"
 """List of the latest jobs that ended in ``error`` (newest first), for ``streamfleet status``."""
 FAILURES_KEPT: Final = 50
+MODELS: Final = "sf:models"
+"""The upstream's model list (JSON), as a worker last read it, for the gateway's ``/v1/models``."""
 SWEEP_LOCK: Final = "sf:sweep"
 """Held (SET NX PX) by the one worker that sweeps the stream store for orphans."""
 
@@ -64,13 +68,14 @@ def idempotency(key: str) -> str:
 
 # The stream store -----------------------------------------------------------------------------------
 
-EVENTS_PATTERN: Final = "sf:{*}:events"
+EVENTS_PATTERN: Final = f"sf:{{*}}:events:v{FORMAT}"
 """Matches every job's event stream (the orphan sweep's SCAN)."""
 
 
 def events(job_id: str) -> str:
-    """The job's event stream: every event of every attempt, in order."""
-    return f"sf:{{{job_id}}}:events"
+    """The job's event stream: every event of every attempt, in order, in entry format ``FORMAT``
+    (the version is in the name, so a reader of one format never meets another's entries)."""
+    return f"sf:{{{job_id}}}:events:v{FORMAT}"
 
 
 def cancel_flag(job_id: str) -> str:

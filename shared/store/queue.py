@@ -349,6 +349,18 @@ class QueueStore:
         raw: list[bytes] = await self.redis.lrange(keys.FAILURES, 0, count - 1)  # type: ignore[misc]
         return [jsonutil.loads(entry) for entry in raw]
 
+    async def set_models(self, models: list[dict[str, Any]], *, ttl_s: int) -> None:
+        """Keep the upstream's model list for the gateways."""
+        await self.redis.set(keys.MODELS, jsonutil.dumps(models), ex=ttl_s)
+
+    async def models(self) -> list[dict[str, Any]] | None:
+        """The upstream's model list as a worker last read it, ``None`` if none has lately."""
+        raw = await self.redis.get(keys.MODELS)
+        if raw is None:
+            return None
+        models: list[dict[str, Any]] = jsonutil.loads(raw)
+        return models
+
     async def take_sweep(self, worker_id: str, *, for_ms: int) -> bool:
         """Whether this worker may sweep for orphans now (one worker per period)."""
         return bool(await self.redis.set(keys.SWEEP_LOCK, worker_id, nx=True, px=for_ms))
