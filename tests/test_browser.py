@@ -80,6 +80,7 @@ def pages() -> Iterator[Pages]:
     served = Pages()
     yield served
     served.server.shutdown()
+    served.server.server_close()
 
 
 def browse(url: str, profile: Path, pages: Pages, timeout: float = 60) -> dict[str, Any]:
