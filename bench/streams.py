@@ -3,9 +3,10 @@
 Many jobs stream at once through one worker; a consumer process follows them all (the gateway's
 fan-out readers: a few XREADs over every stream) and measures each delta's latency from the
 simulator's send stamp (CLOCK_MONOTONIC). Baseline in the same run: the same number of streams read
-straight from the simulator over httpx, no fleet. Added latency = fleet minus baseline, per
-percentile. The worker's RSS is read from /proc before and during the load, and its CPU time over the
-fleet run gives CPU per delta: how many 20 tokens/s streams one core holds. On two cores shared with
+straight from the simulator by the lean reader (``bench.lean``, raw asyncio streams), no fleet.
+Added latency = fleet minus baseline, per percentile. The worker's RSS is read from /proc before and
+during the load, and its CPU time over the fleet run gives CPU per delta, reported beside the lean
+reader's CPU per event: their ratio holds on any machine. On two cores shared with
 the simulator and the consumer, the 2,000-stream case measures the box as much as the worker.
 """
 
@@ -16,7 +17,6 @@ import os
 import time
 from typing import Any
 
-import httpx
 import orjson
 
 from producer import FleetClient
@@ -26,6 +26,7 @@ from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 
 from .common import percentiles, processes, redis_server, spawn
+from .lean import sse_data
 
 CASES = ((100, 20, 60), (200, 50, 100), (2000, 20, 60))  # streams, tokens/s, tokens
 START_MS = 4000
@@ -54,22 +55,27 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-async def _direct(base: str, streams: int, tps: int, tokens: int) -> list[float]:
+async def _direct(port: int, streams: int, tps: int, tokens: int) -> tuple[list[float], float]:
+    """The floor: every stream read straight from the simulator by the lean reader (``bench.lean``).
+    Returns the latencies and the reader's CPU per event, counted from the first event on (its
+    connecting excluded)."""
     samples: list[float] = []
+    cpu_from: list[float] = []
 
-    async def one(client: httpx.AsyncClient, i: int) -> None:
-        async with client.stream("POST", "/chat/completions", json=_request(i, tps, tokens, START_MS)) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
-                    received = time.monotonic_ns()
-                    sent = orjson.loads(line[6:]).get("x_sent_ns")
-                    if sent:
-                        samples.append((received - sent) / 1e6)
+    async def one(i: int) -> None:
+        body = orjson.dumps(_request(i, tps, tokens, START_MS))
+        async for data in sse_data("127.0.0.1", port, "/v1/chat/completions", body):
+            if data[:1] == b"{":
+                received = time.monotonic_ns()
+                if not cpu_from:
+                    cpu_from.append(time.process_time())
+                sent = orjson.loads(data).get("x_sent_ns")
+                if sent:
+                    samples.append((received - sent) / 1e6)
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=base, timeout=None, limits=limits) as client:
-        await asyncio.gather(*(one(client, i) for i in range(streams)))
-    return samples
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    cpu_us = (time.process_time() - cpu_from[0]) * 1e6 / max(1, len(samples)) if cpu_from else 0.0
+    return samples, cpu_us
 
 
 async def _fleet(url: str, worker_pid: int, streams: int, tps: int, tokens: int) -> tuple[list[float], float]:
@@ -110,7 +116,8 @@ def run() -> list[dict[str, Any]]:
             started.append(worker)
             wait_for_port(port)
             time.sleep(1.5)
-            direct = percentiles(asyncio.run(_direct(base, streams, tps, tokens)))
+            direct_samples, direct_cpu_us = asyncio.run(_direct(port, streams, tps, tokens))
+            direct = percentiles(direct_samples)
             cpu_before = _cpu_s(worker.pid)
             fleet_samples, rss_per_stream_kb = asyncio.run(_fleet(url, worker.pid, streams, tps, tokens))
             cpu_us_per_delta = (_cpu_s(worker.pid) - cpu_before) * 1e6 / max(1, len(fleet_samples))
@@ -128,8 +135,11 @@ def run() -> list[dict[str, Any]]:
                 "direct_p99_ms": round(direct["p99"], 2),
                 "deltas": len(fleet_samples),
                 "worker_rss_kb_per_stream": round(rss_per_stream_kb, 1),
-                # The worker's CPU per delta, whole job included (claim, start, end): what one core holds.
+                # The worker's CPU per delta, whole job included (claim, start, end): what one core holds;
+                # beside it the lean reader's per event, and their ratio (which holds across machines).
                 "worker_cpu_us_per_delta": round(cpu_us_per_delta, 1),
+                "direct_cpu_us_per_event": round(direct_cpu_us, 1),
+                "worker_cpu_ratio": round(cpu_us_per_delta / direct_cpu_us, 2) if direct_cpu_us else None,
                 "streams_per_core_at_20_tokens_s": int(1e6 / cpu_us_per_delta / 20) if cpu_us_per_delta else None,
             }
         )
