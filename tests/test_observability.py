@@ -87,7 +87,7 @@ async def test_worker_metrics_probes_and_logs_after_real_jobs(
     assert value("streamfleet_upstream_errors_total", type="upstream_error") == 2
     assert value("streamfleet_queue_wait_seconds_count") == 3
     assert value("streamfleet_time_to_first_token_seconds_count") >= 2
-    assert value("streamfleet_inter_token_seconds_count") >= 19
+    assert value("streamfleet_inter_token_seconds_count") >= 2  # one gap in eight is observed
     assert value("streamfleet_deltas_total") >= 21
     assert value("streamfleet_published_bytes_total") > 1000
     assert value("streamfleet_open_streams") == 0

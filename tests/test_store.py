@@ -93,7 +93,7 @@ async def test_only_the_attempt_that_owns_the_job_can_end_it(stores: Stores) -> 
     # ...and its late deltas are refused: their ids are below the newer attempt's.
     late = DeltaEncoder("j3", 1, first)
     entry_id, fields = late.delta(b'{"late":true}')
-    assert await stores.streams.append([(late, entry_id, fields)]) == ([1], [])
+    assert (await stores.streams.append([(late, entry_id, fields)]))[:2] == ([1], [])
     assert await stores.streams.end("j3", DONE, {"result": None}, started_id=second.started_id) is not None
     assert await types(stores, "j3") == ["queued", "started", "retry", "started", "done"]
 
@@ -102,7 +102,7 @@ async def test_no_write_recreates_an_expired_stream(stores: Stores, stream_redis
     assert await stores.streams.end("gone", DONE, {}) is None
     assert await stores.streams.cancel("gone") == "unknown"
     attempt = DeltaEncoder("gone", 1, "1000-0")
-    assert await stores.streams.append([(attempt, *attempt.delta(b"{}"))]) == ([1], [])
+    assert (await stores.streams.append([(attempt, *attempt.delta(b"{}"))]))[:2] == ([1], [])
     assert stream_redis.dbsize() == 0
 
 
@@ -147,7 +147,7 @@ async def test_compact_deltas_rebuild_every_byte(path, stores: Stores) -> None: 
     started = await start(stores, "jc")
     encoder = DeltaEncoder("jc", 1, started.started_id)
     raws = [event.data.encode() for event in oracle_events(path.read_bytes()) if event.data != "[DONE]"]
-    assert await stores.streams.append([(encoder, *encoder.delta(raw)) for raw in raws]) == ([], [])
+    assert (await stores.streams.append([(encoder, *encoder.delta(raw)) for raw in raws]))[:2] == ([], [])
     streams = stores.streams
     entries = await streams.range("jc")
     deltas = [e for e in await streams.reader("jc").decode(entries) if e.type == DELTA]

@@ -23,7 +23,7 @@ from shared.tasks import Supervised
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.25
-SWEEP_S = 1.0
+SWEEP_S = 2.0
 
 CANCEL = "cancel"
 FIRST_BYTE = "first_byte"

@@ -90,8 +90,6 @@ class StreamWriter:
                     done.exception()  # retrieved: every waiter still gets it, nobody else is told
                 else:
                     self.entries_written += len(batch)
-                    written = sum(len(entry_id) + sum(map(len, fields.values())) for _, entry_id, fields in batch)
-                    metrics.PUBLISHED_BYTES.inc(written)
                     done.set_result(None)
         finally:
             self._flusher = None
@@ -105,7 +103,7 @@ class StreamWriter:
         delay, give_up, replay = 0.05, time.monotonic() + RETRY_FOR_S, False
         while True:
             try:
-                refused, full = await self._streams.append(batch)
+                refused, full, size = await self._streams.append(batch)
                 break
             except Unavailable as exc:
                 if time.monotonic() > give_up:
@@ -122,3 +120,6 @@ class StreamWriter:
             batch[position - 1][0].full = True
         if full:
             self.storage_full(len(full))
+        # Counted once a batch, not once a delta: a Prometheus counter takes a lock per call.
+        metrics.DELTAS.inc(len(batch) - len(refused) - len(full))
+        metrics.PUBLISHED_BYTES.inc(size)

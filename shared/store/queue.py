@@ -114,8 +114,8 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumb
 """
 )
 
-# KEYS: leases, arq queue, arq job, arq in-progress. ARGV: job id.
-# A held job whose lease lapsed goes back to the queue, due now: 'requeued'; 'alive' if the lease was
+# KEYS: leases, arq queue, arq job, arq in-progress. ARGV: job id, the channel that wakes idle workers.
+# A held job whose lease lapsed goes back to the queue, due now (and idle workers are woken): 'requeued'; 'alive' if the lease was
 # renewed meanwhile; 'lost' if arq no longer has the job (it can never run: the caller ends it).
 _REQUEUE = (
     _ALLOW_OOM
@@ -128,12 +128,13 @@ if redis.call('EXISTS', KEYS[3]) == 0 then return 'lost' end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[4])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
 return 'requeued'
 """
 )
 
 # KEYS: arq in-progress, arq job, arq retry, arq queue, leases, arq abort. ARGV: job id, when to run
-# it again (ms; "now"; or "" when it is finished).
+# it again (ms; "now"; or "" when it is finished), the channel that wakes idle workers.
 # arq's finish_job (a MULTI of the same commands), and the lease goes in the same step.
 _FINISH = (
     _ALLOW_OOM
@@ -148,6 +149,7 @@ if ARGV[2] == '' then
 else
   local at = ARGV[2] == 'now' and now_ms() or tonumber(ARGV[2])
   redis.call('ZADD', KEYS[4], at, ARGV[1])
+  redis.call('PUBLISH', ARGV[3], ARGV[1])
 end
 return 1
 """
@@ -253,7 +255,8 @@ class QueueStore:
     async def requeue_lapsed(self, job_id: str) -> str:
         """Send a job whose lease lapsed back to the queue: ``requeued``, ``alive`` or ``lost``."""
         result = await self._requeue(
-            keys=[keys.RUNNING, keys.QUEUE, keys.arq_job(job_id), keys.arq_in_progress(job_id)], args=[job_id]
+            keys=[keys.RUNNING, keys.QUEUE, keys.arq_job(job_id), keys.arq_in_progress(job_id)],
+            args=[job_id, keys.QUEUED_CHANNEL],
         )
         return _text(result)
 
@@ -269,7 +272,7 @@ class QueueStore:
                 keys.RUNNING,
                 keys.ARQ_ABORT,
             ],
-            args=[job_id, "" if again_at_ms is None else again_at_ms],
+            args=[job_id, "" if again_at_ms is None else again_at_ms, keys.QUEUED_CHANNEL],
         )
 
     async def dequeue(self, job_id: str) -> str:
@@ -458,6 +461,7 @@ class FencedWorker(Worker):
         self._on_given_up = on_given_up
         self._scores: dict[str, int] = {}
         self._poll_failures = 0
+        self._drained = False
 
     @property
     def held(self) -> list[str]:
@@ -475,12 +479,16 @@ class FencedWorker(Worker):
                     logger.error("job %s: arq's run_job failed", job_id, exc_info=task.exception())
         taken: list[tuple[str, int]] = []
         free = self.max_jobs - len(self.tasks)
+        self._drained = False
         if self.allow_pick_jobs and free > 0:
             try:
                 taken = await self.queue.claim(
                     free, lease_ms=self._lease_ms, in_progress_ms=int(self.in_progress_timeout_s * 1000)
                 )
                 self._poll_failures = 0
+                # Fewer than asked: the queue is empty. A job's end then frees a slot with nothing to
+                # fill it, and needs no claim: a submit (or a requeue) wakes the loop again.
+                self._drained = len(taken) < free
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 self._poll_failures += 1
                 delay = min(0.05 * 2**self._poll_failures, 2.0)
@@ -490,12 +498,16 @@ class FencedWorker(Worker):
         for job_id, score in taken:
             self._scores[job_id] = score
             task = self.loop.create_task(self.run_job(job_id, score))
-            task.add_done_callback(lambda _: self._wake.set())  # a slot is free
+            task.add_done_callback(self._slot_free)
             self.tasks[job_id] = task
         await self.heart_beat()
         if not taken and not self.burst:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_delay_s)
+
+    def _slot_free(self, _: object) -> None:
+        if not self._drained:
+            self._wake.set()  # jobs may be waiting for this slot: look at the queue now
 
     async def finish_job(
         self,

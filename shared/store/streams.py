@@ -187,6 +187,15 @@ Batch = list[tuple[DeltaEncoder, bytes, Fields]]
 """Entries to append: the attempt that writes each (its ``job_id``), the entry's id and its fields."""
 
 
+class Appended(NamedTuple):
+    """What ``StreamStore.append`` did: positions refused (fenced, or gone), positions Redis had no
+    memory for, and the size of the command sent."""
+
+    refused: list[int]
+    full: list[int]
+    size: int
+
+
 class Start(NamedTuple):
     """What ``StreamStore.start`` found: ``status`` is ``started`` (with ``attempt`` and
     ``started_id``), ``exhausted`` (the attempt would be one too many), ``ended`` or ``cancel``."""
@@ -335,9 +344,9 @@ class StreamStore:
 
     # Writing deltas (the worker's hot path) ----------------------------------------------------------
 
-    async def append(self, batch: Batch) -> tuple[list[int], list[int]]:
+    async def append(self, batch: Batch) -> Appended:
         """Append a batch of entries in one script call; return the 1-based positions Redis refused
-        (the attempt is fenced or its stream gone) and those it had no memory for.
+        (the attempt is fenced or its stream gone), those it had no memory for, and the bytes sent.
 
         The command is packed here: redis-py would encode each of the thousands of arguments in Python
         and read one reply per command.
@@ -358,7 +367,7 @@ class StreamStore:
         finally:
             await pool.release(conn)
         refused, full = reply
-        return [int(position) for position in refused], [int(position) for position in full]
+        return Appended([int(position) for position in refused], [int(position) for position in full], len(payload))
 
     async def has_entry(self, job_id: str, entry_id: bytes) -> bool:
         """Whether the stream holds this entry (a write replayed after a broken connection)."""
