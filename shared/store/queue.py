@@ -115,8 +115,9 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumb
 )
 
 # KEYS: leases, arq queue, arq job, arq in-progress. ARGV: job id, the channel that wakes idle workers.
-# A held job whose lease lapsed goes back to the queue, due now (and idle workers are woken): 'requeued'; 'alive' if the lease was
-# renewed meanwhile; 'lost' if arq no longer has the job (it can never run: the caller ends it).
+# A held job whose lease lapsed goes back to the queue, due now (and idle workers are woken):
+# 'requeued'; 'alive' if the lease was renewed meanwhile; 'lost' if arq no longer has the job (it
+# can never run: the caller ends it).
 _REQUEUE = (
     _ALLOW_OOM
     + _NOW_MS
