@@ -36,11 +36,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from shared.store import (
     Entry,
+    Position,
     RawEntry,
     StoreError,
     StreamReader,
@@ -53,6 +54,8 @@ from shared.store import (
 from shared.store.connect import BLOCK_MS
 from shared.store.streams import Wake
 from shared.tasks import Supervised
+
+from . import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -76,27 +79,52 @@ class ReadFailed(Exception):
 
 _GONE: Final = Entry("0-0", "gone", 0, b"null")
 _FAILED: Final = Entry("0-0", "failed", 0, b"null")
+_END: Final = Entry("0-0", "end", 0, b"null")
+"""Tells a subscriber's task that the reader wrote the terminal event to it directly."""
+
+
+Direct = Callable[[Entry | None], bool]
+"""Writes an event (or, for ``None``, a ping) to a subscriber's connection at once; False when it
+cannot (its writes are paused, or it is gone): the event then goes to the subscriber's queue."""
 
 
 class Subscriber:
-    __slots__ = ("dropped", "job_id", "last_offer", "queue")
+    __slots__ = ("direct", "dropped", "job_id", "last", "last_offer", "queue")
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, after: Position) -> None:
         self.job_id = job_id
         self.queue: asyncio.Queue[Entry | None] = asyncio.Queue(QUEUE_SIZE)
         self.dropped = False
         self.last_offer = time.monotonic()
+        self.last = after
+        """The position of the last event this subscriber got (earlier ones are duplicates)."""
+        self.direct: Direct | None = None
+        """Set while the subscriber is caught up: the reader writes to it without waking its task."""
 
-    def offer(self, entry: Entry | None) -> None:
+    def offer(self, entry: Entry | None) -> bool:
+        """Hand over an event (``None``: a ping); True when it was written at once."""
         if self.dropped:
-            return
+            return False
         self.last_offer = time.monotonic()
+        direct = self.direct
+        if direct is not None:
+            if entry is not None and entry.position <= self.last:
+                return False  # caught up through the catch-up read already
+            if direct(entry):
+                if entry is not None:
+                    self.last = entry.position
+                    if entry.terminal:
+                        self.direct = None
+                        self.queue.put_nowait(_END)
+                return True
+            self.direct = None  # paused or gone: its task takes over from the queue
         try:
             self.queue.put_nowait(entry)
         except asyncio.QueueFull:
             self.dropped = True
             self.queue = asyncio.Queue(1)  # frees the backlog; the consumer sees `dropped`
             self.queue.put_nowait(entry)
+        return False
 
 
 class _Follow:
@@ -113,8 +141,11 @@ class _Follow:
         self.subscribers: set[Subscriber] = set()
 
     def offer(self, entry: Entry) -> None:
+        written = 0
         for subscriber in self.subscribers:
-            subscriber.offer(entry)
+            written += subscriber.offer(entry)
+        if written:
+            metrics.EVENTS_SENT.inc(written)  # once an event, not once a subscriber: a counter takes a lock
 
 
 class _Reader:
@@ -263,8 +294,15 @@ class FanOut:
     def _reader_for(self, job_id: str) -> _Reader:
         return self._readers[hash(job_id) % len(self._readers)]
 
-    async def events(self, job_id: str, *, after: str = "0") -> AsyncIterator[Entry | None]:
+    async def events(
+        self, job_id: str, *, after: str = "0", direct: Direct | None = None
+    ) -> AsyncIterator[Entry | None]:
         """The job's events after ``after``, live, until the terminal one; ``None`` for a ping.
+
+        :param direct: how to write an event to this subscriber at once. Whenever the subscriber is
+            caught up (nothing queued), the reader uses it instead of the queue, and the events it
+            writes are not yielded here; what is yielded (the catch-up, and events that arrive while
+            its writes are paused) is the caller's to write.
 
         Raises ``SlowSubscriber`` when the subscriber fell too far behind (it may resume after the
         last event it got), ``StreamGone`` when the stream expired meanwhile, and ``ReadFailed``
@@ -276,7 +314,7 @@ class FanOut:
             if ended is not None and parse_id(ended) <= parse_id(after):
                 return  # resumed at or after the end: there is nothing more to wait for
         reader = self._reader_for(job_id)
-        subscriber = Subscriber(job_id)
+        subscriber = Subscriber(job_id, parse_id(after))
         # No await from here to the registration: the reader cannot move in between.
         follow = reader.follows.get(job_id)
         joined = follow is None
@@ -292,32 +330,36 @@ class FanOut:
                     await self.streams.wake(reader.wake)
                 except StoreError as exc:  # Redis full or away: the reader's next read (<= BLOCK_MS) finds it
                     logger.debug("fan-out: no wake for job %s (%s)", job_id, exc)
-            last = parse_id(after)
-            if parse_id(position) > last:
+            if parse_id(position) > subscriber.last:
                 # Catch up on our own until the follow's position, then take live events.
                 async for missed in self._catch_up(job_id, after, position):
-                    last = parse_id(missed.id)
+                    subscriber.last = missed.position
                     yield missed
                     if missed.terminal:
                         return
             while True:
+                if direct is not None and subscriber.queue.empty():
+                    subscriber.direct = direct  # caught up: the reader writes to it from now on
                 entry = await subscriber.queue.get()
                 if subscriber.dropped:
                     raise SlowSubscriber(job_id)
                 if entry is None:
                     yield None
                     continue
+                if entry is _END:
+                    return
                 if entry is _GONE:
                     raise StreamGone(job_id)
                 if entry is _FAILED:
                     raise ReadFailed(job_id)
-                if parse_id(entry.id) <= last:
+                if entry.position <= subscriber.last:
                     continue
-                last = parse_id(entry.id)
+                subscriber.last = entry.position
                 yield entry
                 if entry.terminal:
                     return
         finally:
+            subscriber.direct = None
             follow.subscribers.discard(subscriber)
             if not follow.subscribers:
                 reader.forget(job_id, follow)

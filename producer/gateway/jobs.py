@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from shared.models import DELTA
 from shared.store import Entry, format_id, parse_id
@@ -16,8 +17,8 @@ from shared.store import parse_cursor as check_cursor
 
 from . import metrics
 from .bodies import StrictJSONRoute
-from .fanout import ReadFailed, SlowSubscriber, StreamGone
-from .sse import PING, frame, sse_response
+from .fanout import Direct, ReadFailed, SlowSubscriber, StreamGone
+from .sse import CONNECTION, HEADERS, PING, Link, frame, sse_response
 from .state import Gateway, gateway_of
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
@@ -132,31 +133,71 @@ async def job_events(
         # Resumed at or after the end (every EventSource does this after a normal end): nothing more
         # will come, and a 204 is what makes a browser stop reconnecting.
         return Response(status_code=204)
-    return sse_response(request, event_frames(gateway, job_id, cursor))
+    link = request.scope.get("extensions", {}).get(CONNECTION)
+    if isinstance(link, Link):
+        return _Events(gateway, job_id, cursor, link)
+    return sse_response(request, event_frames(gateway, job_id, cursor))  # served by another server
 
 
 RETRY_FRAME = b"retry: %d\n\n" % RECONNECT_MS
+_ENDINGS = {
+    SlowSubscriber: b": too slow; reconnect with Last-Event-ID to resume\n\n",
+    ReadFailed: b": the gateway could not read this job's events; reconnect with Last-Event-ID to resume\n\n",
+    StreamGone: b": the job's stream expired\n\n",
+}
 
 
-async def event_frames(gateway: Gateway, job_id: str, cursor: str) -> AsyncIterator[bytes]:
+async def event_frames(
+    gateway: Gateway, job_id: str, cursor: str, direct: Direct | None = None
+) -> AsyncIterator[bytes]:
+    """The job's SSE frames; with ``direct``, those the fan-out does not write itself."""
     metrics.OPEN_STREAMS.inc()
     yield RETRY_FRAME  # how long a browser waits before it reconnects with Last-Event-ID
     try:
-        async for entry in gateway.fanout.events(job_id, after=cursor):
+        async for entry in gateway.fanout.events(job_id, after=cursor, direct=direct):
             if entry is None:
                 yield PING
                 continue
             metrics.EVENTS_SENT.inc()
             yield FRAMES.get(job_id, entry)
-    except SlowSubscriber:
-        metrics.SLOW_SUBSCRIBERS.inc()
-        yield b": too slow; reconnect with Last-Event-ID to resume\n\n"
-    except ReadFailed:
-        yield b": the gateway could not read this job's events; reconnect with Last-Event-ID to resume\n\n"
-    except StreamGone:
-        yield b": the job's stream expired\n\n"
+    except (SlowSubscriber, ReadFailed, StreamGone) as ended:
+        if isinstance(ended, SlowSubscriber):
+            metrics.SLOW_SUBSCRIBERS.inc()
+        yield _ENDINGS[type(ended)]
     finally:
         metrics.OPEN_STREAMS.dec()
+
+
+class _Events(Response):
+    """The events route's response, on the gateway's own protocol: while the subscriber is caught up,
+    the fan-out's reader writes each event's frame (encoded once for every subscriber) straight to
+    its connection, with no task woken and no ASGI message through the middleware for it: the cost
+    of an event to a subscriber is one write. The rest (the catch-up, and whatever comes while the
+    client reads slower than the gateway writes) goes out through ASGI as usual, with flow control."""
+
+    def __init__(self, gateway: Gateway, job_id: str, cursor: str, link: Link) -> None:
+        super().__init__()
+        # Chunked (no content-length): the body is written as it comes.
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream"),
+            *((k.encode(), v.encode()) for k, v in HEADERS.items()),
+        ]
+        self.gateway, self.job_id, self.cursor, self.link = gateway, job_id, cursor, link
+
+    def _direct(self, entry: Entry | None) -> bool:
+        link = self.link
+        if link.lost or link.paused:
+            return False
+        link.write_chunk(PING if entry is None else FRAMES.get(self.job_id, entry))
+        return True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        async for chunk in event_frames(self.gateway, self.job_id, self.cursor, self._direct):
+            if self.link.lost:
+                return
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class TokenRequest(BaseModel):

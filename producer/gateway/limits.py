@@ -62,14 +62,17 @@ class BoundedHttpTools(HttpToolsProtocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._link.transport = transport
         super().connection_made(transport)
 
     def pause_writing(self) -> None:
+        self._link.paused = True
         super().pause_writing()
         if self._stall is None:
             self._stall = asyncio.get_running_loop().call_later(self.stall_seconds, self._stalled)
 
     def resume_writing(self) -> None:
+        self._link.paused = False
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None

@@ -4,6 +4,7 @@ fan-out, as ``None`` events)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -32,12 +33,21 @@ CONNECTION = "streamfleet.connection"
 
 
 class Link:
-    """Whether a request's connection is still there, as its protocol knows the moment it is lost."""
+    """A request's connection, as its protocol (``limits.BoundedHttpTools``) knows it: whether it is lost,
+    whether writing to it is paused (the client reads slower than the gateway writes), and a way to
+    write a chunk of the response body to it directly, with no task woken and no ASGI message
+    through the middleware (what the fan-out does for caught-up subscribers)."""
 
-    __slots__ = ("lost",)
+    __slots__ = ("lost", "paused", "transport")
 
     def __init__(self) -> None:
         self.lost = False
+        self.paused = False
+        self.transport: Any = None
+
+    def write_chunk(self, data: bytes) -> None:
+        """Write ``data`` as one chunk of a chunked response body (the response must have started)."""
+        self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
 
 async def _while_connected(frames: AsyncIterator[bytes], link: Link) -> AsyncIterator[bytes]:

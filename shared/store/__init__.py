@@ -65,7 +65,7 @@ persistence restarted, an unreplicated failover): the orphan sweep (``worker.hea
 streams and ends them.
 """
 
-from .codec import DeltaEncoder, Entry, Fields, RawEntry, format_id, parse_cursor, parse_id
+from .codec import DeltaEncoder, Entry, Fields, Position, RawEntry, format_id, parse_cursor, parse_id
 from .queue import QueueStore
 from .stores import OutOfMemory, StoreError, Stores, Unavailable, open_stores, stream_ttl_while_queued
 from .streams import Batch, Start, StreamReader, StreamStore
@@ -76,6 +76,7 @@ __all__ = [
     "Entry",
     "Fields",
     "OutOfMemory",
+    "Position",
     "QueueStore",
     "RawEntry",
     "Start",

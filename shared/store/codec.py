@@ -248,7 +248,7 @@ class Entry:
     reader that forwards events (the gateway) never parses them.
     """
 
-    __slots__ = ("_data", "attempt", "body", "id", "type")
+    __slots__ = ("_data", "_position", "attempt", "body", "id", "type")
 
     def __init__(self, id: str, type: str, attempt: int, body: bytes) -> None:
         self.id = id
@@ -257,6 +257,14 @@ class Entry:
         """The attempt of a delta; 0 for other events."""
         self.body = body
         self._data: Any = _UNPARSED
+        self._position: Position | None = None
+
+    @property
+    def position(self) -> Position:
+        """The id as ``(milliseconds, sequence)``, computed once."""
+        if self._position is None:
+            self._position = parse_id(self.id)
+        return self._position
 
     @property
     def terminal(self) -> bool:
