@@ -29,9 +29,10 @@ CLIENT_PROCESSES = 3
 TOKENS = 30
 TPS = 3
 RAMP_MS = 9000
+ONE_JOB_SUBSCRIBERS = int(os.environ.get("STREAMFLEET_BENCH_ONE_JOB_SUBSCRIBERS", "2000"))
 
 
-async def _submit(url: str, count: int, ttft_ms: int) -> list[str]:
+async def _submit(url: str, count: int, simulator: dict[str, int]) -> list[str]:
     request = {"model": "bench", "messages": [{"role": "user", "content": "fan out"}]}
     async with FleetClient(Settings(redis_url=url)) as fleet:
         return [
@@ -40,9 +41,9 @@ async def _submit(url: str, count: int, ttft_ms: int) -> list[str]:
                 {
                     **request,
                     "simulator": {
-                        "tokens": TOKENS + i % 10 * 3,
-                        "tps": TPS,
-                        "ttft_ms": ttft_ms + i * 20,
+                        "tokens": simulator["tokens"] + i % 10 * 3,
+                        "tps": simulator["tps"],
+                        "ttft_ms": simulator["ttft_ms"] + i * 20,
                         "stamp": True,
                     },
                 }
@@ -60,10 +61,20 @@ def _gateway_connections(url: str) -> int:
         client.close()
 
 
-def _phase(url: str, port: int, per_job: int) -> dict[str, Any]:
-    ttft_ms = RAMP_MS if per_job > 1 else 1000
-    job_ids = asyncio.run(_submit(url, JOBS, ttft_ms))
-    shares = [job_ids[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)]
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _phase(url: str, port: int, gateway_pid: int, jobs: int, per_job: int, **simulator: int) -> dict[str, Any]:
+    ttft_ms = simulator["ttft_ms"]
+    job_ids = asyncio.run(_submit(url, jobs, simulator))
+    shares = [job_ids[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)] if jobs > 1 else []
+    if jobs == 1:  # one job: its subscribers split over the client processes
+        per_job = -(-per_job // CLIENT_PROCESSES)
+        shares = [job_ids] * CLIENT_PROCESSES
+    cpu_before = _cpu_s(gateway_pid)
     clients = [
         subprocess.Popen(
             [sys.executable, "-m", "bench.sse_client"],
@@ -85,13 +96,19 @@ def _phase(url: str, port: int, per_job: int) -> dict[str, Any]:
         assert client.stdout is not None
         results.append(orjson.loads(client.stdout.read()))
         client.wait(timeout=60)
+    gateway_cpu = _cpu_s(gateway_pid) - cpu_before
     latencies = [sample for result in results for sample in result["latencies_us"]]
+    events = sum(result["events"] for result in results)
     return {
         "subscribers": sum(result["connected"] for result in results),
         "failed": sum(result["failed"] for result in results),
         "errors": sorted({error for result in results for error in result["errors"]}),
-        "events": sum(result["events"] for result in results),
+        "events": events,
         "redis_connections": connections,
+        # The gateway's CPU per frame it delivered (its subscribers' connecting included), and a lean
+        # reader's (the subscribers' own) CPU per event beside it.
+        "gateway_cpu_us_per_frame": round(gateway_cpu * 1e6 / max(1, events), 1),
+        "reader_cpu_us_per_event": round(sum(r["cpu_us_per_event"] for r in results) / max(1, len(results)), 1),
         **{key: round(value / 1000, 2) for key, value in percentiles(latencies).items()},
     }
 
@@ -105,26 +122,42 @@ def run() -> list[dict[str, Any]]:
         }
         started.append(spawn(["-m", "simulator", "--port", str(simulator_port)]))
         started.append(spawn(["-m", "worker", "--concurrency", "500"], env))
-        started.append(spawn(["-m", "producer.gateway", "--port", str(gateway_port)], env))
+        gateway = spawn(["-m", "producer.gateway", "--port", str(gateway_port)], env)
+        started.append(gateway)
         wait_for_port(simulator_port)
         wait_for_port(gateway_port)
-        baseline = _phase(url, gateway_port, 1)
-        load = _phase(url, gateway_port, max(1, SUBSCRIBERS // JOBS))
-    return [
-        {
-            "scenario": "gateway fan-out: delivery latency p50 (simulator send to SSE receipt)",
-            "case": f"{load['subscribers']} subscribers on {JOBS} jobs, {TPS} tokens/s each, one gateway process",
-            "fleet_ms": load["p50"],
-            "baseline_ms": baseline["p50"],
-            "ratio": round(load["p50"] / baseline["p50"], 2) if baseline["p50"] else None,
-            "goal": "5000 subscribers, a handful of Redis connections",
-            "p99_ms": load["p99"],
-            "baseline_p99_ms": baseline["p99"],
-            "max_ms": load["max"],
-            "events_delivered": load["events"],
-            "failed_subscribers": load["failed"],
-            "errors": load["errors"] + baseline["errors"],
-            "gateway_redis_connections": load["redis_connections"],
-            "baseline_subscribers": baseline["subscribers"],
-        }
-    ]
+        spread = {"tokens": TOKENS, "tps": TPS}
+        baseline = _phase(url, gateway_port, gateway.pid, JOBS, 1, ttft_ms=1000, **spread)
+        load = _phase(url, gateway_port, gateway.pid, JOBS, max(1, SUBSCRIBERS // JOBS), ttft_ms=RAMP_MS, **spread)
+        one = _phase(url, gateway_port, gateway.pid, 1, ONE_JOB_SUBSCRIBERS, ttft_ms=RAMP_MS, tokens=200, tps=20)
+    rows = []
+    for case, phase, goal in (
+        (f"{load['subscribers']} subscribers on {JOBS} jobs, {TPS} tokens/s each", load, "a handful of connections"),
+        (f"{one['subscribers']} subscribers on one job, 20 tokens/s", one, "p99 <= 250 ms, CPU <= 0.35x a reader"),
+    ):
+        rows.append(
+            {
+                "scenario": "gateway fan-out, one process: delivery latency p50 (simulator send to SSE receipt)",
+                "case": case,
+                "fleet_ms": phase["p50"],
+                "baseline_ms": baseline["p50"],
+                "ratio": round(phase["p50"] / baseline["p50"], 2) if baseline["p50"] else None,
+                "goal": goal,
+                "p99_ms": phase["p99"],
+                "baseline_p99_ms": baseline["p99"],
+                "max_ms": phase["max"],
+                "events_delivered": phase["events"],
+                "failed_subscribers": phase["failed"],
+                "errors": phase["errors"] + baseline["errors"],
+                "gateway_redis_connections": phase["redis_connections"],
+                "baseline_subscribers": baseline["subscribers"],
+                "gateway_cpu_us_per_frame": phase["gateway_cpu_us_per_frame"],
+                "reader_cpu_us_per_event": phase["reader_cpu_us_per_event"],
+                "gateway_cpu_ratio": (
+                    round(phase["gateway_cpu_us_per_frame"] / phase["reader_cpu_us_per_event"], 2)
+                    if phase["reader_cpu_us_per_event"]
+                    else None
+                ),
+            }
+        )
+    return rows

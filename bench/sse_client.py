@@ -41,6 +41,8 @@ async def subscribe(host: str, port: int, job_id: str, latencies: list[float], s
                     return
             elif delta and line.startswith(b"data: ") and b"x_sent_ns" in line:
                 received = time.monotonic_ns()
+                if not state["cpu_from_ns"]:
+                    state["cpu_from_ns"] = time.process_time_ns()
                 sent = orjson.loads(line[6:])["chunk"].get("x_sent_ns")
                 if sent:
                     latencies.append((received - sent) / 1000)
@@ -52,7 +54,7 @@ async def subscribe(host: str, port: int, job_id: str, latencies: list[float], s
 async def main() -> None:
     spec: dict[str, Any] = orjson.loads(sys.stdin.buffer.read())
     latencies: list[float] = []
-    state = {"connected": 0, "events": 0}
+    state = {"connected": 0, "events": 0, "cpu_from_ns": 0}
     tasks = []
     for job_id in spec["jobs"]:
         for _ in range(spec["per_job"]):
@@ -62,7 +64,9 @@ async def main() -> None:
     results = await asyncio.gather(*tasks, return_exceptions=True)
     failures = [result for result in results if isinstance(result, BaseException)]
     errors = sorted({f"{type(failure).__name__}: {failure}"[:200] for failure in failures})[:5]
-    output = {**state, "failed": len(failures), "errors": errors, "latencies_us": latencies}
+    # The reader's own CPU per event, from its first event on (connecting excluded).
+    cpu_us = (time.process_time_ns() - state.pop("cpu_from_ns")) / 1000 / max(1, state["events"])
+    output = {**state, "failed": len(failures), "errors": errors, "latencies_us": latencies, "cpu_us_per_event": cpu_us}
     sys.stdout.write(orjson.dumps(output).decode() + "\n")
 
 

@@ -56,20 +56,31 @@ def event_frame(entry: Entry) -> bytes:
 
 
 class _FrameCache:
-    """Every subscriber of a job gets the same bytes for an event: frame it once."""
+    """Every subscriber of a job gets the same bytes for an event: frame it once (and, for the
+    subscribers the fan-out writes to directly, frame it once as a chunk of a chunked body)."""
 
     def __init__(self, size: int = 20_000) -> None:
-        self._frames: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._frames: OrderedDict[tuple[str, str], tuple[bytes, bytes]] = OrderedDict()
         self._size = size
 
-    def get(self, job_id: str, entry: Entry) -> bytes:
+    def _both(self, job_id: str, entry: Entry) -> tuple[bytes, bytes]:
         key = (job_id, entry.id)
         cached = self._frames.get(key)
         if cached is None:
-            cached = self._frames[key] = event_frame(entry)
+            data = event_frame(entry)
+            cached = self._frames[key] = (data, b"%x\r\n%b\r\n" % (len(data), data))
             if len(self._frames) > self._size:
                 self._frames.popitem(last=False)
         return cached
+
+    def get(self, job_id: str, entry: Entry) -> bytes:
+        return self._both(job_id, entry)[0]
+
+    def chunk(self, job_id: str, entry: Entry) -> bytes:
+        return self._both(job_id, entry)[1]
+
+
+PING_CHUNK = b"%x\r\n%b\r\n" % (len(PING), PING)
 
 
 FRAMES = _FrameCache()
@@ -188,7 +199,7 @@ class _Events(Response):
         link = self.link
         if link.lost or link.paused:
             return False
-        link.write_chunk(PING if entry is None else FRAMES.get(self.job_id, entry))
+        link.transport.write(PING_CHUNK if entry is None else FRAMES.chunk(self.job_id, entry))
         return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -34,9 +34,9 @@ CONNECTION = "streamfleet.connection"
 
 class Link:
     """A request's connection, as its protocol (``limits.BoundedHttpTools``) knows it: whether it is lost,
-    whether writing to it is paused (the client reads slower than the gateway writes), and a way to
-    write a chunk of the response body to it directly, with no task woken and no ASGI message
-    through the middleware (what the fan-out does for caught-up subscribers)."""
+    whether writing to it is paused (the client reads slower than the gateway writes), and its
+    transport, to write chunks of the response body to directly, with no task woken and no ASGI
+    message through the middleware (what the fan-out does for caught-up subscribers)."""
 
     __slots__ = ("lost", "paused", "transport")
 
@@ -44,10 +44,6 @@ class Link:
         self.lost = False
         self.paused = False
         self.transport: Any = None
-
-    def write_chunk(self, data: bytes) -> None:
-        """Write ``data`` as one chunk of a chunked response body (the response must have started)."""
-        self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
 
 async def _while_connected(frames: AsyncIterator[bytes], link: Link) -> AsyncIterator[bytes]:
