@@ -111,7 +111,7 @@ def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
 
     return subprocess.Popen(
         [sys.executable, *args],
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "STREAMFLEET_WORKER_PROCESSES": "1", **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

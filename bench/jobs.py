@@ -44,8 +44,8 @@ def _measure(workers: int) -> float:
         port = free_port()
         env = {"STREAMFLEET_REDIS_URL": url, "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{port}/v1"}
         started.append(spawn(["-m", "simulator", "--port", str(port), "--ttft-ms", "0"]))
-        for _ in range(workers):
-            started.append(spawn(["-m", "worker", "--concurrency", "500"], env))
+        # One worker, or a pool of them under one supervisor (`--processes`: worker/pool.py).
+        started.append(spawn(["-m", "worker", "--concurrency", "500", "--processes", str(workers)], env))
         wait_for_port(port)
         time.sleep(2)
         return asyncio.run(_run(url))

@@ -252,14 +252,18 @@ def _print_fleet(state: dict[str, Any]) -> None:
 
 @app.command()
 def worker(
-    concurrency: Annotated[int | None, typer.Option(help="Jobs run at once.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Jobs run at once, per process.")] = None,
+    processes: Annotated[
+        int | None, typer.Option(help="Worker processes under one supervisor (default: the cores it may use).", min=1)
+    ] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty.")] = False,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve /metrics, /livez and /readyz on this port.", min=1, max=65535)
     ] = None,
 ) -> None:
-    """Run one uvloop arq worker."""
+    """Run uvloop arq workers: one process per core by default, under one supervisor."""
     args = (["--concurrency", str(concurrency)] if concurrency else []) + (["--burst"] if burst else [])
+    args += ["--processes", str(processes)] if processes else []
     args += ["--metrics-port", str(metrics_port)] if metrics_port else []
     launch.exec_part("worker", *args)
 

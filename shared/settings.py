@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     # Worker tuning.
     concurrency: int = Field(default=200, gt=0)
     """Jobs one worker process runs at once."""
+    worker_processes: int | None = Field(default=None, gt=0)
+    """Worker processes ``streamfleet worker`` runs under one supervisor; unset: the cores it may use."""
     wake_on_submit: bool = True
     """Idle workers take a job the moment it is submitted (pub/sub); off: they find it at their next poll."""
     poll_delay_seconds: float = Field(default=0.5, gt=0)

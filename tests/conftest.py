@@ -192,6 +192,7 @@ def fleet_env(redis_url: str, stream_redis_url: str, simulator: Simulator, state
         "STREAMFLEET_UPSTREAM_API_KEY": "sk-test-never-logged",
         "STREAMFLEET_STATE_DIR": str(state_dir),
         "STREAMFLEET_POLL_DELAY_SECONDS": "0.01",
+        "STREAMFLEET_WORKER_PROCESSES": "1",  # a test's worker is one process it can signal (the pool: test_pool)
     }
 
 

@@ -236,6 +236,8 @@ def test_worker_deployment_drains_probes_and_reads_secrets(production: list[dict
     assert redis_url_from_secret(container)
     assert container["image"].startswith("registry.example.com/streamfleet:")
     assert container["args"][:1] == ["worker"] and "--metrics-port" in container["args"]
+    processes = container["args"][container["args"].index("--processes") + 1]  # a pool per pod: one per core
+    assert int(processes) == int(container["resources"]["requests"]["cpu"])
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert pod["terminationGracePeriodSeconds"] >= Settings.model_fields["shutdown_grace_seconds"].default + 5

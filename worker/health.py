@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .runtime import Runtime
 
@@ -28,9 +30,45 @@ LIVE_S = 60.0
 READ_TIMEOUT_S = 5.0
 
 
+Probe = Callable[[], tuple[bool, dict[str, Any]]]
+"""A probe: whether it passes, and the state to show with it."""
+
+
+def worker_probes(runtime: Runtime) -> tuple[Probe, Probe]:
+    """``/livez`` and ``/readyz`` of one worker process."""
+
+    def state() -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "worker": runtime.worker_id,
+            "running": len(runtime.supervisor.running),
+            "draining": runtime.draining,
+            "redis_seen_s_ago": round(now - runtime.redis_seen, 3) if runtime.redis_seen else None,
+            "loops_down": runtime.tasks.down,
+            "loop_restarts": runtime.tasks.restarts,
+        }
+
+    def live() -> tuple[bool, dict[str, Any]]:
+        return time.monotonic() - max(runtime.started, runtime.beat_at) < LIVE_S, state()
+
+    def ready() -> tuple[bool, dict[str, Any]]:
+        beat_every = runtime.settings.lease_seconds / 5
+        redis_ok = time.monotonic() - runtime.redis_seen < 2 * beat_every + 1
+        return redis_ok and not runtime.draining and runtime.tasks.healthy, state()
+
+    return live, ready
+
+
 class HealthServer:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    """``/metrics``, ``/livez`` and ``/readyz``.
+
+    :param live: the liveness probe; :param ready: the readiness probe.
+    :param metrics: the Prometheus text (``worker.metrics.exposition``).
+    """
+
+    def __init__(self, live: Probe, ready: Probe, metrics: Callable[[], bytes]) -> None:
+        self._probes = {b"/livez": live, b"/readyz": ready}
+        self._metrics = metrics
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -41,28 +79,13 @@ class HealthServer:
             self._server.close()
             await self._server.wait_closed()
 
-    def _probe(self, path: bytes) -> tuple[int, bytes, bytes]:
-        runtime, now = self.runtime, time.monotonic()
-        beat_every = runtime.settings.lease_seconds / 5
-        state = {
-            "worker": runtime.worker_id,
-            "running": len(runtime.supervisor.running),
-            "draining": runtime.draining,
-            "redis_seen_s_ago": round(now - runtime.redis_seen, 3) if runtime.redis_seen else None,
-            "loops_down": runtime.tasks.down,
-            "loop_restarts": runtime.tasks.restarts,
-        }
-        if path == b"/livez":
-            ok = now - max(runtime.started, runtime.beat_at) < LIVE_S
-        else:
-            ok = now - runtime.redis_seen < 2 * beat_every + 1 and not runtime.draining and runtime.tasks.healthy
-        return (200 if ok else 503), b"application/json", orjson.dumps({"ok": ok, **state})
-
     def _route(self, path: bytes) -> tuple[int, bytes, bytes]:
         if path == b"/metrics":
-            return 200, CONTENT_TYPE_LATEST.encode(), generate_latest()
-        if path in (b"/livez", b"/readyz"):
-            return self._probe(path)
+            return 200, CONTENT_TYPE_LATEST.encode(), self._metrics()
+        probe = self._probes.get(path)
+        if probe is not None:
+            ok, state = probe()
+            return (200 if ok else 503), b"application/json", orjson.dumps({"ok": ok, **state})
         return 404, b"text/plain", b"not found: /metrics, /livez and /readyz are served here\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -18,11 +18,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from shared import jsonutil
 from shared.models import ERROR, make_error
 from shared.store import parse_id
 
 from . import metrics
+from .health import Probe
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ async def beat(runtime: Runtime, held: Callable[[], list[str]]) -> None:
                 runtime.redis_seen = time.monotonic()
                 metrics.QUEUE_DEPTH.set(depth)
                 metrics.FLEET_RUNNING.set(fleet_held)
+                metrics.RUNNING_JOBS.set(len(holding))  # the list the heartbeat reports to `status`
                 await reap(runtime, holding)
             except Exception as exc:
                 logger.warning("heartbeat failed: %s", exc)
@@ -140,3 +144,15 @@ async def publish_models(runtime: Runtime) -> None:
             except Exception as exc:
                 logger.warning("could not keep the upstream's model list: %s", exc)
         await asyncio.sleep(MODELS_EVERY_S)
+
+
+async def report_status(runtime: Runtime, probes: tuple[Probe, Probe], path: str) -> None:
+    """Run until cancelled: a pool's child writes its probes for the pool's own (``worker.pool``)."""
+    live, ready = probes
+    target = Path(path)
+    while True:
+        record = {"live": live()[0], "ready": ready()[0], "at": time.time(), "pid": os.getpid()}
+        partial = target.with_suffix(".tmp")
+        partial.write_bytes(jsonutil.dumps(record))
+        partial.replace(target)  # readers never see half a file
+        await asyncio.sleep(runtime.settings.lease_seconds / 5)

@@ -21,7 +21,7 @@ from shared.store import Stores, open_stores, queue
 from shared.store.queue import FencedWorker
 
 from . import heartbeat, metrics
-from .health import HealthServer
+from .health import HealthServer, worker_probes
 from .job import generate
 from .runtime import Runtime
 
@@ -88,11 +88,17 @@ async def _check_eviction_policy(stores: Stores) -> None:
 
 
 async def serve(
-    settings: Settings, *, concurrency: int | None = None, burst: bool = False, metrics_port: int | None = None
+    settings: Settings,
+    *,
+    concurrency: int | None = None,
+    burst: bool = False,
+    metrics_port: int | None = None,
+    status_file: str | None = None,
 ) -> None:
     """Run one worker until it is signalled (or, with ``burst``, until the queue is empty).
 
     :param metrics_port: serve ``/metrics``, ``/livez`` and ``/readyz`` there (``worker.health``).
+    :param status_file: write the probes there every heartbeat (a pool's child: ``worker.pool``).
     """
     stores = await open_stores(settings, name="streamfleet-worker")
     runtime = Runtime.create(settings, stores)
@@ -102,9 +108,10 @@ async def serve(
     runtime.tasks.start("heartbeat", lambda: heartbeat.beat(runtime, lambda: worker.held))
     runtime.tasks.start("orphan sweep", lambda: heartbeat.sweep_orphans(runtime))
     runtime.tasks.start("model list", lambda: heartbeat.publish_models(runtime))
-    # Read at scrape time, the same list the heartbeat reports to `status`.
-    metrics.RUNNING_JOBS.set_function(lambda: len(worker.held))
-    health = HealthServer(runtime)
+    probes = worker_probes(runtime)
+    health = HealthServer(*probes, metrics.exposition)
+    if status_file is not None:
+        runtime.tasks.start("pool status", lambda: heartbeat.report_status(runtime, probes, status_file))
     if metrics_port is not None:
         await health.start(settings.metrics_host, metrics_port)
     logger.info("worker %s: taking jobs (concurrency %d)", runtime.worker_id, worker.max_jobs)
@@ -122,10 +129,17 @@ async def serve(
 
 
 def run(
-    settings: Settings, *, concurrency: int | None = None, burst: bool = False, metrics_port: int | None = None
+    settings: Settings,
+    *,
+    concurrency: int | None = None,
+    burst: bool = False,
+    metrics_port: int | None = None,
+    status_file: str | None = None,
 ) -> None:
     """Entry point: a uvloop event loop running ``serve``."""
     # arq logs each job's arguments at INFO, and they are request bodies: keep arq to warnings.
     logging.getLogger("arq").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the job lines
-    uvloop.run(serve(settings, concurrency=concurrency, burst=burst, metrics_port=metrics_port))
+    uvloop.run(
+        serve(settings, concurrency=concurrency, burst=burst, metrics_port=metrics_port, status_file=status_file)
+    )

@@ -7,7 +7,11 @@ autoscaler can scale on them from any one worker (``max`` over the workers' seri
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from shared.models import TERMINAL_TYPES
 
@@ -39,13 +43,34 @@ UPSTREAM_ERRORS = Counter(
     "Failed upstream attempts, by the error's type (upstream_error, upstream_unreachable, timeout)",
     ["type"],
 )
-OPEN_STREAMS = Gauge("streamfleet_open_streams", "Upstream streams this worker has open now")
-RUNNING_JOBS = Gauge("streamfleet_worker_running_jobs", "Jobs this worker runs now (streaming or between attempts)")
-QUEUE_DEPTH = Gauge("streamfleet_queue_depth", "Jobs waiting for a worker, fleet-wide (read at each heartbeat)")
-FLEET_RUNNING = Gauge("streamfleet_fleet_running_jobs", "Jobs running, fleet-wide (read at each heartbeat)")
+# multiprocess_mode: how a pool's children add up (``worker.pool``); ignored in a single process.
+OPEN_STREAMS = Gauge(
+    "streamfleet_open_streams", "Upstream streams this worker has open now", multiprocess_mode="livesum"
+)
+RUNNING_JOBS = Gauge(
+    "streamfleet_worker_running_jobs",
+    "Jobs this worker holds (streaming, between attempts, or claimed), as of its last heartbeat",
+    multiprocess_mode="livesum",
+)
+QUEUE_DEPTH = Gauge(
+    "streamfleet_queue_depth", "Jobs waiting for a worker, fleet-wide (read at each heartbeat)", multiprocess_mode="max"
+)
+FLEET_RUNNING = Gauge(
+    "streamfleet_fleet_running_jobs", "Jobs running, fleet-wide (read at each heartbeat)", multiprocess_mode="max"
+)
 
 # Every label value from the start, so a rate over a series that has not happened yet is 0, not absent.
 for _outcome in TERMINAL_TYPES:
     JOBS.labels(_outcome)
 for _type in ("upstream_error", "upstream_unreachable", "timeout"):
     UPSTREAM_ERRORS.labels(_type)
+
+
+def exposition() -> bytes:
+    """The Prometheus text of this process, or, in a pool (``PROMETHEUS_MULTIPROC_DIR``), of every child."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return _generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return _generate_latest(registry)
