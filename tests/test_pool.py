@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from producer import FleetClient
+from shared.ports import free_port
 from simulator import expected_text
-from tests.conftest import WorkerFactory, free_port, stop_process, wait_until
+from tests.conftest import WorkerFactory, stop_process, wait_until
 
 
 def children_of(pid: int) -> set[int]:
