@@ -272,6 +272,9 @@ def worker(
 def gateway(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    workers: Annotated[
+        int | None, typer.Option(help="Processes on the port, each with its own fan-out (default: 1).", min=1)
+    ] = None,
 ) -> None:
     """Run the HTTP gateway (jobs API, OpenAI-compatible routes)."""
     from .gateway import serve
@@ -279,7 +282,7 @@ def gateway(
     current = settings()
     logs.configure(current.log_format)
     try:
-        serve(current, host=host, port=port)
+        serve(current, host=host, port=port, workers=workers)
     except StreamfleetError as exc:
         raise fail(str(exc)) from None
 

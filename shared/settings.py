@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     """How long a read token is good for, unless its request asks for less."""
     gateway_stall_seconds: float = Field(default=15, gt=0)
     """A client that has read nothing for this long while the gateway had more to send is let go."""
+    gateway_workers: int = Field(default=1, gt=0)
+    """Gateway processes on one port (``--workers``), each with its own fan-out; as uvicorn's default, one."""
 
     # Client tuning.
     max_request_bytes: int = Field(default=1_000_000, gt=0)

@@ -16,7 +16,7 @@ import pytest
 
 from shared.accumulate import delta_text
 from simulator import expected_text
-from tests.conftest import GatewayFactory, WorkerFactory, cli
+from tests.conftest import GatewayFactory, GatewayURL, WorkerFactory, cli
 
 pytestmark = [pytest.mark.split_roles, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ async def read_events(
 
 
 @pytest.fixture
-def gateway(start_gateway: GatewayFactory, start_worker: WorkerFactory) -> str:
+def gateway(start_gateway: GatewayFactory, start_worker: WorkerFactory) -> GatewayURL:
     start_worker()
     return start_gateway()
 
@@ -160,7 +160,7 @@ async def test_openai_sdk_background_responses_resume_and_cancel(gateway: str) -
     await client.close()
 
 
-async def test_errors_are_json_with_the_right_status(gateway: str) -> None:
+async def test_errors_are_json_with_the_right_status(gateway: GatewayURL) -> None:
     async with httpx.AsyncClient(base_url=gateway, timeout=30) as client:
         for body in (
             {"request": {"model": "m"}},
@@ -180,7 +180,7 @@ async def test_errors_are_json_with_the_right_status(gateway: str) -> None:
         failing = await client.post("/v1/chat/completions", json=chat("bad", fault="400"))
         assert failing.status_code == 400 and "simulated 400" in failing.json()["error"]["message"]
         health = await client.get("/healthz")
-        assert health.json() == {"status": "ok", "redis": True, "fanout_restarts": 0}
+        assert health.json() == {"status": "ok", "redis": True, "fanout_restarts": 0, "pid": gateway.process.pid}
         metrics = (await client.get("/metrics")).text
         for name in (
             "streamfleet_gateway_requests_total",

@@ -7,12 +7,12 @@ import sys
 
 import uvloop
 
-from shared import logs
+from shared import logs, processes
 from shared.errors import ConfigurationError
 from shared.settings import load_settings
 
 from .main import run
-from .pool import available_cores, supervise
+from .pool import supervise
 
 
 def positive(text: str) -> int:
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     logs.configure(settings.log_format)
     metrics_port = args.metrics_port or settings.metrics_port
-    processes = args.processes or settings.worker_processes or available_cores()
-    if processes > 1:
+    count = args.processes or settings.worker_processes or processes.available_cores()
+    if count > 1:
         child_args = [
             *(["--concurrency", str(args.concurrency)] if args.concurrency else []),
             *(["--burst"] if args.burst else []),
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(
             uvloop.run(
                 supervise(
-                    processes,
+                    count,
                     child_args,
                     status_every_s=settings.lease_seconds / 5,
                     metrics_host=settings.metrics_host,

@@ -63,7 +63,7 @@ class HealthServer:
     """``/metrics``, ``/livez`` and ``/readyz``.
 
     :param live: the liveness probe; :param ready: the readiness probe.
-    :param metrics: the Prometheus text (``worker.metrics.exposition``).
+    :param metrics: the Prometheus text (``shared.processes.exposition``).
     """
 
     def __init__(self, live: Probe, ready: Probe, metrics: Callable[[], bytes]) -> None:

@@ -15,12 +15,13 @@ import logging
 import uvloop
 from arq.worker import func
 
+from shared import processes
 from shared.models import ERROR, make_error
 from shared.settings import Settings
 from shared.store import Stores, open_stores, queue
 from shared.store.queue import FencedWorker
 
-from . import heartbeat, metrics
+from . import heartbeat
 from .health import HealthServer, worker_probes
 from .job import generate
 from .runtime import Runtime
@@ -109,7 +110,7 @@ async def serve(
     runtime.tasks.start("orphan sweep", lambda: heartbeat.sweep_orphans(runtime))
     runtime.tasks.start("model list", lambda: heartbeat.publish_models(runtime))
     probes = worker_probes(runtime)
-    health = HealthServer(*probes, metrics.exposition)
+    health = HealthServer(*probes, processes.exposition)
     if status_file is not None:
         runtime.tasks.start("pool status", lambda: heartbeat.report_status(runtime, probes, status_file))
     if metrics_port is not None:

@@ -7,11 +7,7 @@ autoscaler can scale on them from any one worker (``max`` over the workers' seri
 
 from __future__ import annotations
 
-import os
-
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client import generate_latest as _generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from shared.models import TERMINAL_TYPES
 
@@ -64,13 +60,3 @@ for _outcome in TERMINAL_TYPES:
     JOBS.labels(_outcome)
 for _type in ("upstream_error", "upstream_unreachable", "timeout"):
     UPSTREAM_ERRORS.labels(_type)
-
-
-def exposition() -> bytes:
-    """The Prometheus text of this process, or, in a pool (``PROMETHEUS_MULTIPROC_DIR``), of every child."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
-        return _generate_latest(REGISTRY)
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-    return _generate_latest(registry)

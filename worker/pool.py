@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
-import math
-import os
 import shutil
 import signal
 import sys
@@ -31,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from shared import processes
 
 from .health import HealthServer
 
@@ -42,16 +41,6 @@ HEALTHY_AFTER_S = 60.0  # a child that ran this long before dying starts its pau
 PR_SET_PDEATHSIG = 1
 
 
-def available_cores() -> int:
-    """The cores this process may use: its CPU affinity, bounded by a cgroup v2 CPU quota."""
-    cores = len(os.sched_getaffinity(0))
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    return cores
-
-
 class _Child:
     def __init__(self, slot: int, status: Path) -> None:
         self.slot = slot
@@ -61,39 +50,37 @@ class _Child:
 
 
 class Pool:
-    """``processes`` worker children started with ``args``, supervised.
+    """``count`` worker children started with ``args``, supervised.
 
-    :param directory: the pool's own: the children's status files and Prometheus series (multiprocess mode).
+    :param directory: the pool's own: the children's status files.
     :param status_fresh_s: a child whose status file is older than this is not ready.
     """
 
-    def __init__(self, processes: int, args: list[str], *, directory: Path, status_fresh_s: float) -> None:
+    def __init__(self, count: int, args: list[str], *, directory: Path, status_fresh_s: float) -> None:
         self.args = args
         self.directory = directory
         self.status_fresh_s = status_fresh_s
-        self.children = [_Child(slot, directory / f"status-{slot}.json") for slot in range(processes)]
+        self.children = [_Child(slot, directory / f"status-{slot}.json") for slot in range(count)]
         self.stopping = False
         self.restarts = 0
 
     async def _start(self, child: _Child) -> None:
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.directory / "metrics")}
         child.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "worker",
             *("--processes", "1", "--status-file", str(child.status), *self.args),
-            env=env,
-            preexec_fn=_end_with_parent,
+            preexec_fn=processes.end_with_parent,
         )
 
-    async def _watch(self, child: _Child) -> None:
+    async def watch(self, child: _Child) -> None:
         """Run one slot: start its child, and again after it dies, until the pool stops."""
         while True:
             await self._start(child)
             assert child.process is not None
             started = time.monotonic()
             code = await child.process.wait()
-            self._forget(child.process.pid)
+            processes.forget_dead()  # its live gauges leave the sums
             if self.stopping or code == 0:
                 return  # drained on a signal, or done (--burst)
             if time.monotonic() - started > HEALTHY_AFTER_S:
@@ -105,13 +92,6 @@ class Pool:
             await asyncio.sleep(pause)
             if self.stopping:
                 return
-
-    def _forget(self, pid: int) -> None:
-        """A dead child's live gauges leave the sums (Prometheus multiprocess mode)."""
-        from prometheus_client import multiprocess
-
-        with contextlib.suppress(OSError):
-            multiprocess.mark_process_dead(pid, str(self.directory / "metrics"))  # type: ignore[no-untyped-call]
 
     def stop(self, signum: int) -> None:
         """Forward a shutdown signal to every child; each drains as a single worker does."""
@@ -136,36 +116,28 @@ class Pool:
         return all(ready) and not self.stopping, {"children_ready": sum(ready), "children": len(self.children)}
 
 
-def _end_with_parent() -> None:
-    """In a child, before it runs: SIGTERM it (it drains) if the supervisor dies, even of a SIGKILL."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 async def supervise(
-    processes: int, args: list[str], *, status_every_s: float, metrics_host: str, metrics_port: int | None
+    count: int, args: list[str], *, status_every_s: float, metrics_host: str, metrics_port: int | None
 ) -> int:
-    """Run ``processes`` worker children until they have all ended; the pool's exit code.
+    """Run ``count`` worker children until they have all ended; the pool's exit code.
 
     :param status_every_s: how often each child writes its status file (its heartbeat).
     """
-    from . import metrics
-
     directory = Path(tempfile.mkdtemp(prefix="streamfleet-pool-"))
-    (directory / "metrics").mkdir()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory / "metrics")  # what this process serves
-    pool = Pool(processes, args, directory=directory, status_fresh_s=2 * status_every_s + 1)
+    series = processes.metrics_directory()  # the children inherit it
+    pool = Pool(count, args, directory=directory, status_fresh_s=2 * status_every_s + 1)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, pool.stop, signum)
-    health = HealthServer(pool.live, pool.ready, metrics.exposition)
+    health = HealthServer(pool.live, pool.ready, processes.exposition)
     if metrics_port is not None:
         await health.start(metrics_host, metrics_port)
-    logger.info("worker pool: %d processes", processes)
+    logger.info("worker pool: %d processes", count)
     try:
-        await asyncio.gather(*(pool._watch(child) for child in pool.children))
+        await asyncio.gather(*(pool.watch(child) for child in pool.children))
     finally:
         await health.aclose()
         shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(series, ignore_errors=True)
     logger.info("worker pool: stopped")
     return 0

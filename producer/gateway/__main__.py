@@ -15,6 +15,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="streamfleet gateway")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=None, help="processes on the port (default: setting, else 1)")
     args = parser.parse_args()
     try:
         settings = load_settings()
@@ -22,4 +23,4 @@ if __name__ == "__main__":
         print(f"streamfleet: invalid settings: {exc}", file=sys.stderr)
         sys.exit(2)
     logs.configure(settings.log_format)
-    serve(settings, host=args.host, port=args.port)
+    serve(settings, host=args.host, port=args.port, workers=args.workers)

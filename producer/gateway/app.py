@@ -8,6 +8,7 @@ for an unknown job (or another tenant's), 5xx only for the fleet's own faults.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,10 +17,11 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared import processes
 from shared.errors import InvalidRequest, JobEnded, StorageFull, UnknownJob
 from shared.settings import Settings
 from shared.store import OutOfMemory, StoreError
@@ -77,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
         async with FleetClient(settings, name="streamfleet-gateway", max_connections=READERS + 4) as fleet:
             fanout = FanOut(fleet.stores.streams, ping_interval=settings.gateway_ping_seconds)
             fanout.start()
+            fanout.tasks.start("fan-out gauges", lambda: metrics.observe_fanout(fanout))
             app.state.gateway = Gateway(
                 fleet=fleet,
                 fanout=fanout,
@@ -159,16 +162,16 @@ def create_app(settings: Settings) -> FastAPI:
         if not tasks.healthy:
             error = f"shared tasks down: {', '.join(tasks.down)}"
             return JSONResponse({"status": "degraded", "redis": True, "error": error}, 503)
-        return JSONResponse({"status": "ok", "redis": True, "fanout_restarts": tasks.restarts})
+        # The process: one of several with --workers.
+        return JSONResponse({"status": "ok", "redis": True, "fanout_restarts": tasks.restarts, "pid": os.getpid()})
 
     @app.get("/metrics", tags=["health"])
     async def prometheus(request: Request) -> Response:
         """Prometheus metrics."""
         gateway: Gateway = request.app.state.gateway
         gateway.auth.tenant(request)
-        metrics.SUBSCRIBERS.set(gateway.fanout.subscribers)
-        metrics.FOLLOWED_STREAMS.set(gateway.fanout.followed)
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        metrics.observe(gateway.fanout)
+        return Response(processes.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(jobs.router)
     app.include_router(openai.router)

@@ -29,6 +29,8 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from shared.settings import Settings
+
 from .sse import CONNECTION, Link
 
 SEND_BUFFER = 32 * 1024
@@ -136,7 +138,11 @@ class BoundedHttpTools(HttpToolsProtocol):
         self.transport.close()
 
 
-def bounded(*, max_head_bytes: int, max_headers: int, stall_seconds: float) -> type[asyncio.Protocol]:
-    """The protocol class for uvicorn's ``http=`` option, with these limits."""
-    limits = {"max_head_bytes": max_head_bytes, "max_headers": max_headers, "stall_seconds": stall_seconds}
+def bounded_by(settings: Settings) -> type[asyncio.Protocol]:
+    """The protocol class for uvicorn's ``http=`` option, with the settings' limits."""
+    limits = {
+        "max_head_bytes": settings.gateway_max_header_bytes,
+        "max_headers": settings.gateway_max_headers,
+        "stall_seconds": settings.gateway_stall_seconds,
+    }
     return type("BoundedHttpTools", (BoundedHttpTools,), limits)

@@ -1,8 +1,10 @@
-"""``streamfleet worker --processes N``: one supervisor, N worker children (``worker.pool``)."""
+"""Every core of a pod: ``streamfleet worker --processes N`` (``worker.pool``) and ``streamfleet gateway
+--workers N`` (uvicorn's supervisor, ``producer.gateway.asgi``): one supervisor, N children, one port."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +18,8 @@ import pytest
 from producer import FleetClient
 from shared.ports import free_port
 from simulator import expected_text
-from tests.conftest import WorkerFactory, stop_process, wait_until
+from tests.conftest import GatewayFactory, WorkerFactory, stop_process, wait_until
+from tests.test_gateway import delta_text, read_events
 
 
 def children_of(pid: int) -> set[int]:
@@ -38,6 +41,13 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""  # gone
 
 
 async def worker_pids(fleet: FleetClient) -> set[int]:
@@ -145,3 +155,58 @@ def test_a_pool_of_no_processes_is_refused(fleet_env: dict[str, str], processes:
         timeout=30,
     )
     assert run.returncode == 2 and "STREAMFLEET_WORKER_PROCESSES" in run.stderr, run.stderr
+
+
+async def test_a_gateway_of_two_processes_serves_one_port_restarts_and_stops(
+    start_gateway: GatewayFactory, start_worker: WorkerFactory
+) -> None:
+    """Two gateway processes on one port: connections land on both; subscribers on either get the same
+    events; one /metrics adds up both; a SIGKILLed process is replaced while the other serves; SIGTERM
+    stops them all."""
+    start_worker()
+    gateway = start_gateway("--workers", "2")
+    supervisor = gateway.process.pid
+
+    def serving() -> set[int]:  # uvicorn's children, without multiprocessing's resource tracker
+        return {pid for pid in children_of(supervisor) if b"spawn_main" in cmdline(pid)}
+
+    wait_until(lambda: len(serving()) == 2, what="two gateway processes")
+    pids: set[int] = set()
+    asked = 0
+    for _ in range(400):  # a fresh connection each: the kernel hands it to either process
+        async with httpx.AsyncClient(base_url=gateway) as fresh:
+            pids.add((await fresh.get("/healthz")).json()["pid"])
+        asked += 1
+        if len(pids) == 2 and asked >= 20:
+            break
+    assert pids == serving()
+
+    body = request("two gateway processes", tokens=60, tps=100)
+    async with httpx.AsyncClient(base_url=gateway, timeout=30) as client:
+        job = (await client.post("/v1/jobs", json={"request": body})).json()
+    clients = [httpx.AsyncClient(base_url=gateway, timeout=30) for _ in range(20)]
+    try:
+        streams = await asyncio.gather(*(c.get("/healthz") for c in clients))  # one connection each
+        assert {r.json()["pid"] for r in streams} <= pids
+        events = await asyncio.gather(*(read_events(c, job["events_url"]) for c in clients))
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    assert all(stream == events[0] for stream in events)
+    text = "".join(delta_text(json.loads(e["data"])["chunk"]) for e in events[0] if e["event"] == "delta")
+    assert text == expected_text(body) and events[0][-1]["event"] == "done"
+
+    async with httpx.AsyncClient(base_url=gateway) as http:
+        metrics = (await http.get("/metrics")).text
+    assert sample(metrics, 'streamfleet_gateway_requests_total{route="/healthz",status="200"}') == asked + 20, metrics
+    assert sample(metrics, 'streamfleet_gateway_requests_total{route="/v1/jobs/{job_id}/events"') == 20
+
+    killed = min(pids)
+    os.kill(killed, signal.SIGKILL)
+    async with httpx.AsyncClient(base_url=gateway) as http:
+        assert (await http.get("/healthz")).status_code == 200  # the other one serves meanwhile
+    wait_until(lambda: len(serving() - {killed}) == 2, timeout=20, what="a process in place of the killed one")
+
+    children = serving()
+    gateway.process.send_signal(signal.SIGTERM)
+    assert gateway.process.wait(timeout=20) == 0
+    assert not any(alive(pid) for pid in children)
