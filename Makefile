@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak lint bench clean lock
+.PHONY: demo test soak lint bench clean lock browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# A real browser for tests/test_browser.py (skipped without one; CI requires it): Debian's Chromium.
+browser:
+	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
 soak: $(STAMP)
 	STREAMFLEET_SOAK_JOBS=$${STREAMFLEET_SOAK_JOBS:-300} $(BIN)/python -m pytest -m soak -s -p no:cacheprovider

@@ -46,8 +46,19 @@ def loads(raw: bytes | str) -> Any:
 
 
 def dumps(value: Any) -> bytes:
-    """Serialize compactly to UTF-8 JSON; integers of any width stay exact."""
+    """Serialize compactly to UTF-8 JSON; integers of any width stay exact. A float that is not
+    finite becomes ``null`` on both paths (orjson's rule): what is written is always JSON."""
     try:
         return orjson.dumps(value)
     except TypeError:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(_finite_only(value), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _finite_only(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_only(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_only(item) for item in value]
+    return value

@@ -214,6 +214,47 @@ async def test_keys_and_tenants(start_gateway: GatewayFactory, start_worker: Wor
         assert (await client.get("/metrics")).status_code == 401
 
 
+async def test_read_tokens_read_one_job_until_they_expire(
+    start_gateway: GatewayFactory, start_worker: WorkerFactory
+) -> None:
+    """A read token reads its own job's events; a tampered, expired, foreign or other gateway's token
+    is a 401, and so is a token where a key is needed. Browsers: tests/test_browser.py."""
+    start_worker()
+    keys = {"STREAMFLEET_GATEWAY_API_KEYS": "key-one", "STREAMFLEET_GATEWAY_CORS_ORIGINS": "https://app.example"}
+    base = start_gateway(env=keys)
+    stranger = start_gateway(env={"STREAMFLEET_GATEWAY_API_KEYS": "another-key"})
+    one = {"Authorization": "Bearer key-one"}
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        job_id = (await client.post("/v1/jobs", json={"request": chat("read me", tokens=3)}, headers=one)).json()["id"]
+        other = (await client.post("/v1/jobs", json={"request": chat("not me")}, headers=one)).json()["id"]
+        minted = (await client.post(f"/v1/jobs/{job_id}/tokens", headers=one)).json()
+        token = minted["token"]
+        assert minted["events_url"] == f"/v1/jobs/{job_id}/events?token={token}"
+        short = (await client.post(f"/v1/jobs/{job_id}/tokens", json={"ttl_seconds": 1}, headers=one)).json()
+        events = await client.get(minted["events_url"])
+        assert events.status_code == 200 and "event: done" in events.text
+        payload, _, signature = token.partition(".")
+        tampered = f"{payload[:-2]}{'A' if payload[-2] != 'A' else 'B'}{payload[-1]}.{signature}"
+        async with httpx.AsyncClient(base_url=stranger, timeout=30) as elsewhere:
+            assert (await elsewhere.get(minted["events_url"])).status_code == 401
+        await asyncio.sleep(2.1)
+        for path, query in (
+            (f"/v1/jobs/{job_id}/events", tampered),
+            (f"/v1/jobs/{job_id}/events", token + "x"),
+            (f"/v1/jobs/{job_id}/events", short["token"]),  # expired
+            (f"/v1/jobs/{other}/events", token),  # another job's
+            (f"/v1/jobs/{job_id}", token),  # a token reads events, nothing else
+            (f"/v1/jobs/{job_id}/events", "not-a-token"),
+        ):
+            refused = await client.get(path, params={"token": query})
+            assert refused.status_code == 401, (path, query, refused.text)
+        assert (await client.post(f"/v1/jobs/{job_id}/tokens", params={"token": token})).status_code == 401
+        allowed = await client.get(f"/v1/jobs/{job_id}", headers={**one, "Origin": "https://app.example"})
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        foreign = await client.get(f"/v1/jobs/{job_id}", headers={**one, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in foreign.headers
+
+
 def test_no_keys_means_loopback_only(fleet_env: dict[str, str]) -> None:
     refused = cli("gateway", "--host", "0.0.0.0", "--port", "1", env=fleet_env)
     assert refused.returncode == 2 and "STREAMFLEET_GATEWAY_API_KEYS" in refused.stderr

@@ -17,6 +17,8 @@ key                         type         role                                   
 ``arq:in-progress:<id>``    string       arq's claim marker                      job timeout + 10 s claim; finish
 ``arq:retry:<id>``          string       arq's count of runs of the job          88,400 s (arq)     arq's run_job
 ``arq:queue:health-check``  string       arq's own health line                   1 h (arq)          arq
+``arq:abort``               sorted set   arq's jobs to abort (the fleet cancels  none               no one; finish
+                                         its own way: only cleared, as arq does)                    clears an id
 ``sf:running``              sorted set   held jobs, scored by lease end (ms,     none               claim, renew,
                                          the server's clock)                                        finish, requeue
 ``sf:worker:<worker>``      string       a live worker's heartbeat (JSON: pid,   10 s               its worker

@@ -403,8 +403,9 @@ ARQ_SURFACE: Final[dict[str, str]] = {
     "Worker.finish_failed_job": "3e16087f318a7acf",
     # Relied on: main() polls through _poll_iteration; run_job reads arq:job:<id>, calls the function
     # with ctx job_id/enqueue_time/score, and ends through finish_job / finish_failed_job; the signal
-    # handlers cancel `tasks` and stop picking jobs.
+    # handlers cancel `tasks` and stop picking jobs; heart_beat writes arq's health line each poll.
     "Worker.main": "45ca1591c9717466",
+    "Worker.heart_beat": "2e9959bea66dc551",
     "Worker.run_job": "589a19059ff84ee7",
     "Worker.handle_sig": "985ff7ba01aa8f04",
     "Worker.handle_sig_wait_for_completion": "8f161d86834cc74e",
