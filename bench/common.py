@@ -133,7 +133,7 @@ async def wait_all_ended(streams: StreamStore, job_ids: list[str]) -> float:
     """Wait until every job has its terminal event; return when the last one was written (wall clock,
     seconds: a stream entry's id is Redis's millisecond clock, the machine's ``time.time()``).
 
-    It looks only at each job's last entry (one pipeline a pass, every 0.1 s): a consumer decoding
+    It looks only at each job's last entry (one pipeline a pass, every 0.5 s): a consumer decoding
     every delta, or polling fast, would take the CPU being measured, and the entry ids make the
     end time exact whatever the polling interval."""
     pending, ended_ms = list(job_ids), 0
@@ -148,5 +148,5 @@ async def wait_all_ended(streams: StreamStore, job_ids: list[str]) -> float:
                 still.append(job_id)
         pending = still
         if pending:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
     return ended_ms / 1000

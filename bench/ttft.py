@@ -1,5 +1,7 @@
 """Time to first token overhead: submit to the first delta at a consumer, minus what the upstream
-itself takes (a direct httpx request to the same simulator, in the same run).
+itself takes (a direct httpx request to the same simulator, in the same run). And a burst: 200 jobs
+submitted at once through two worker processes, each tailed by the Python client, against 200 lean
+readers (``bench.lean``) opening the same requests at once.
 
 Baseline: the same fleet with arq's own pickup (no wake-up on submit, arq's default 0.5 s poll).
 Jobs come one at a time with a pause of 10-90 ms after each one ends, as independent arrivals do: a
@@ -16,13 +18,16 @@ from typing import Any
 import httpx
 
 from producer import FleetClient
+from shared import jsonutil
 from shared.models import DELTA
 from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 
+from . import lean
 from .common import percentiles, processes, redis_server, spawn
 
 JOBS = 40
+BURST = 200
 
 
 def _request(i: int) -> dict[str, Any]:
@@ -82,7 +87,53 @@ def _measure(wake: bool) -> tuple[list[float], list[float]]:
         return direct, asyncio.run(_fleet(url))
 
 
+def _first_content(data: bytes) -> bool:
+    return b'"content":"' in data and b'"content":""' not in data
+
+
+async def _burst_direct(port: int) -> list[float]:
+    async def one(i: int) -> float:
+        body = jsonutil.dumps({**_request(i), "stream": True})
+        async for data in lean.sse_data("127.0.0.1", port, "/v1/chat/completions", body):
+            if _first_content(data):
+                return (time.perf_counter() - started) * 1000
+        raise AssertionError("the stream ended without content")
+
+    started = time.perf_counter()
+    return list(await asyncio.gather(*(one(i) for i in range(BURST))))
+
+
+async def _burst_fleet(url: str) -> list[float]:
+    async def one(i: int) -> float:
+        job_id = await fleet.submit(_request(i))
+        async for event in fleet.tail(job_id):
+            if event.type == DELTA and event.data["chunk"]["choices"][0]["delta"].get("content"):
+                return (time.perf_counter() - started) * 1000
+        raise AssertionError("the job ended without content")
+
+    async with FleetClient(Settings(redis_url=url)) as fleet:
+        await asyncio.gather(*(one(i) for i in range(BURST)))  # warm: connections, scripts, pools
+        await asyncio.sleep(1)
+        started = time.perf_counter()
+        return list(await asyncio.gather(*(one(i) for i in range(BURST))))
+
+
+def _burst() -> tuple[list[float], list[float]]:
+    with redis_server() as url, processes() as started:
+        port = free_port()
+        env = {"STREAMFLEET_REDIS_URL": url, "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{port}/v1"}
+        started.append(spawn(["-m", "simulator", "--port", str(port), "--ttft-ms", "0"]))
+        started.append(spawn(["-m", "worker", "--processes", "2"], env))
+        wait_for_port(port)
+        time.sleep(2)
+        asyncio.run(_burst_direct(port))  # warm
+        direct = asyncio.run(_burst_direct(port))
+        return direct, asyncio.run(_burst_fleet(url))
+
+
 def run() -> list[dict[str, Any]]:
+    burst_direct, burst_fleet = _burst()
+    direct_at, fleet_at = percentiles(burst_direct), percentiles(burst_fleet)
     direct, fleet = _measure(wake=True)
     _, arq_default = _measure(wake=False)
     floor = percentiles(direct)["p50"]
@@ -98,5 +149,16 @@ def run() -> list[dict[str, Any]]:
             "goal": "p50 <= 5 ms, p99 <= 20 ms",
             "p99_ms": ours["p99"],
             "baseline_p99_ms": theirs["p99"],
-        }
+        },
+        {
+            "scenario": "time to first token, a burst (submit to first delta at a tailing client)",
+            "case": f"{BURST} jobs submitted at once, 2 worker processes; direct: {BURST} lean readers at once",
+            "fleet_ms": round(fleet_at["p50"], 1),
+            "baseline_ms": round(direct_at["p50"], 1),
+            "ratio": round(fleet_at["p99"] / direct_at["p99"], 2),
+            "goal": "p99 <= direct p99 + 20 ms",
+            "p99_ms": round(fleet_at["p99"], 1),
+            "baseline_p99_ms": round(direct_at["p99"], 1),
+            "added_p99_ms": round(fleet_at["p99"] - direct_at["p99"], 1),
+        },
     ]

@@ -101,9 +101,11 @@ async def serve(
     :param metrics_port: serve ``/metrics``, ``/livez`` and ``/readyz`` there (``worker.health``).
     :param status_file: write the probes there every heartbeat (a pool's child: ``worker.pool``).
     """
+    if concurrency is not None:  # --concurrency: everything sized by it (the upstream's keep-alive pool) follows
+        settings = settings.model_copy(update={"concurrency": concurrency})
     stores = await open_stores(settings, name="streamfleet-worker")
     runtime = Runtime.create(settings, stores)
-    worker = build_worker(runtime, concurrency=concurrency or settings.concurrency, burst=burst)
+    worker = build_worker(runtime, concurrency=settings.concurrency, burst=burst)
     await _check_eviction_policy(stores)
     runtime.supervisor.start(runtime.tasks)
     runtime.tasks.start("heartbeat", lambda: heartbeat.beat(runtime, lambda: worker.held))

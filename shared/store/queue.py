@@ -38,6 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import jsonutil
 from . import keys
+from .calls import Calls, Lua
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ end
 # KEYS: idempotency key or "", arq job, arq queue. ARGV: job id, payload, job ttl ms, score ms,
 # idempotency ttl s, the channel that wakes idle workers, arq's job key prefix.
 # Returns {job id, 1 if arq still has the job}: a key used before returns the first job's id.
-_ENQUEUE = """
+_ENQUEUE = Lua("""
 if KEYS[1] ~= '' then
   local existing = redis.call('GET', KEYS[1])
   if existing then return {existing, redis.call('EXISTS', ARGV[7] .. existing)} end
@@ -71,13 +72,13 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('PUBLISH', ARGV[6], ARGV[1])
 return {ARGV[1], 1}
-"""
+""")
 
 # KEYS: arq queue, leases. ARGV: how many, lease ms, in-progress ms, arq's in-progress key prefix.
 # Takes the first due jobs off the queue, marks them in progress (arq's marker) and leases them, in
 # one step. Returns id, score pairs. (The in-progress keys are derived here, undeclared: the queue
 # lives on one primary, never on a cluster.)
-_CLAIM = (
+_CLAIM = Lua(
     _ALLOW_OOM
     + _NOW_MS
     + """
@@ -106,7 +107,7 @@ return #ARGV - 1
 )
 
 # KEYS: leases. ARGV: how many. The jobs whose lease has lapsed.
-_LAPSED = (
+_LAPSED = Lua(
     _ALLOW_OOM
     + _NOW_MS
     + """
@@ -118,7 +119,7 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumb
 # A held job whose lease lapsed goes back to the queue, due now (and idle workers are woken):
 # 'requeued'; 'alive' if the lease was renewed meanwhile; 'lost' if arq no longer has the job (it
 # can never run: the caller ends it).
-_REQUEUE = (
+_REQUEUE = Lua(
     _ALLOW_OOM
     + _NOW_MS
     + """
@@ -137,7 +138,7 @@ return 'requeued'
 # KEYS: arq in-progress, arq job, arq retry, arq queue, leases, arq abort. ARGV: job id, when to run
 # it again (ms; "now"; or "" when it is finished), the channel that wakes idle workers.
 # arq's finish_job (a MULTI of the same commands), and the lease goes in the same step.
-_FINISH = (
+_FINISH = Lua(
     _ALLOW_OOM
     + _NOW_MS
     + """
@@ -159,7 +160,7 @@ return 1
 # KEYS: arq queue, leases, arq job. ARGV: job id.
 # A cancelled job that no worker holds leaves the queue; a held one is left to its worker (it finds
 # the job ended when it starts it, and arq finishes it as usual).
-_DEQUEUE = (
+_DEQUEUE = Lua(
     _ALLOW_OOM
     + """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 'held' end
@@ -210,13 +211,8 @@ class QueueStore:
 
     def __init__(self, redis: ArqRedis) -> None:
         self.redis = redis
-        self._enqueue = redis.register_script(_ENQUEUE)
-        self._claim = redis.register_script(_CLAIM)
-        self._renew = redis.register_script(_RENEW)
-        self._lapsed = redis.register_script(_LAPSED)
-        self._requeue = redis.register_script(_REQUEUE)
-        self._finish = redis.register_script(_FINISH)
-        self._dequeue = redis.register_script(_DEQUEUE)
+        self._calls = Calls(redis)
+        self._renew = redis.register_script(_RENEW)  # rides in the heartbeat's pipeline
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -228,7 +224,8 @@ class QueueStore:
 
         With an idempotency key already used, nothing is written and the first job's id comes back.
         """
-        reply = await self._enqueue(
+        reply = await self._calls.run(
+            _ENQUEUE,
             keys=[keys.idempotency(idempotency_key) if idempotency_key else "", keys.arq_job(job_id), keys.QUEUE],
             args=[
                 job_id,
@@ -244,18 +241,19 @@ class QueueStore:
 
     async def claim(self, limit: int, *, lease_ms: int, in_progress_ms: int) -> list[tuple[str, int]]:
         """Take up to ``limit`` due jobs for this worker, leased: ``(job id, score)`` of those taken."""
-        reply = await self._claim(
-            keys=[keys.QUEUE, keys.RUNNING], args=[limit, lease_ms, in_progress_ms, keys.arq_in_progress("")]
+        reply = await self._calls.run(
+            _CLAIM, keys=[keys.QUEUE, keys.RUNNING], args=[limit, lease_ms, in_progress_ms, keys.arq_in_progress("")]
         )
         return [(_text(job_id), int(float(score))) for job_id, score in zip(reply[::2], reply[1::2], strict=True)]
 
     async def lapsed(self, *, limit: int = 100) -> list[str]:
         """Held jobs whose lease has lapsed."""
-        return [_text(job_id) for job_id in await self._lapsed(keys=[keys.RUNNING], args=[limit])]
+        return [_text(job_id) for job_id in await self._calls.run(_LAPSED, keys=[keys.RUNNING], args=[limit])]
 
     async def requeue_lapsed(self, job_id: str) -> str:
         """Send a job whose lease lapsed back to the queue: ``requeued``, ``alive`` or ``lost``."""
-        result = await self._requeue(
+        result = await self._calls.run(
+            _REQUEUE,
             keys=[keys.RUNNING, keys.QUEUE, keys.arq_job(job_id), keys.arq_in_progress(job_id)],
             args=[job_id, keys.QUEUED_CHANNEL],
         )
@@ -264,7 +262,8 @@ class QueueStore:
     async def finish(self, job_id: str, *, again_at_ms: int | str | None) -> None:
         """Let go of a held job: finished (``again_at_ms`` None: arq's keys go), or back in the queue
         at that time (ms, or ``"now"``). Its lease goes either way."""
-        await self._finish(
+        await self._calls.run(
+            _FINISH,
             keys=[
                 keys.arq_in_progress(job_id),
                 keys.arq_job(job_id),
@@ -278,7 +277,7 @@ class QueueStore:
 
     async def dequeue(self, job_id: str) -> str:
         """Take a cancelled job off the queue: ``removed``, or ``held`` (a worker has it)."""
-        result = await self._dequeue(keys=[keys.QUEUE, keys.RUNNING, keys.arq_job(job_id)], args=[job_id])
+        result = await self._calls.run(_DEQUEUE, keys=[keys.QUEUE, keys.RUNNING, keys.arq_job(job_id)], args=[job_id])
         return _text(result)
 
     async def publish_cancel(self, job_id: str) -> None:

@@ -17,7 +17,6 @@ them run on a Redis Cluster (one slot per job).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -27,6 +26,7 @@ from redis.exceptions import NoScriptError
 from .. import jsonutil
 from ..models import TERMINAL_TYPES, make_error
 from . import keys
+from .calls import Calls, Lua, resp
 from .codec import D, Decoder, DeltaEncoder, Entry, Fields, Position, RawEntry, T, is_terminal
 
 # An entry comes back from XREVRANGE as {id, {"t", type, "d", data}}.
@@ -49,7 +49,7 @@ local function create()
   if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2]) end
 end
 """
-_CREATE = (
+_CREATE = Lua(
     _CREATE_BODY
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -62,7 +62,7 @@ return 1
 # Returns {'started', attempt, id}, {'exhausted', attempt}, {'ended'} (terminal) or {'cancel'}.
 # A stream that is not there yet is created first: the worker may take a job before its submitter
 # has written `queued` (or the submitter died between its two steps).
-_START = (
+_START = Lua(
     _LAST_TYPE
     + _CREATE_BODY
     + """
@@ -98,7 +98,7 @@ _ALLOW_OOM = "#!lua flags=allow-oom\n"
 # started id or "", and to open a missing stream first: queued data or "", tenant or "", its ttl s.
 # Returns the entry id, or false when the stream is gone (and is not to be opened), has ended, or
 # belongs to another attempt. Every key of the job then lives as long as the stream.
-_END = (
+_END = Lua(
     _ALLOW_OOM
     + _LAST_TYPE
     + """
@@ -118,7 +118,7 @@ return id
 
 # KEYS: events, cancel flag, tenant. ARGV: cancelled data, ttl s.
 # The flag tells a worker that starts the job late; a job no attempt has started ends here and now.
-_CANCEL = (
+_CANCEL = Lua(
     _ALLOW_OOM
     + _LAST_TYPE
     + """
@@ -139,7 +139,7 @@ return 'cancelled'
 # The stream half of giving a lost worker's job to another: only if that attempt still owns the job
 # (a new one may have started already), announce that it is void and take the right to end the job
 # from it; or, if a cancel was asked meanwhile, end the job.
-_VOID = (
+_VOID = Lua(
     _ALLOW_OOM
     + _LAST_TYPE
     + """
@@ -162,7 +162,7 @@ return 'voided'
 """
 )
 
-APPEND_LUA = """
+_APPEND = Lua("""
 -- KEYS: the stream of each entry. ARGV: id, type field, data field of each entry, in order.
 -- Appends every entry (NOMKSTREAM) and returns two lists of 1-based positions: those Redis refused
 -- (an id not above the stream's last one: a newer attempt, or the end, is there; or a stream that is
@@ -178,10 +178,8 @@ for i = 1, #KEYS do
   end
 end
 return {refused, full}
-"""
+""")
 """One script call appends a whole batch of entries: one command and one reply, not one per entry."""
-
-_APPEND_SHA = hashlib.sha1(APPEND_LUA.encode()).hexdigest().encode()
 
 Batch = list[tuple[DeltaEncoder, bytes, Fields]]
 """Entries to append: the attempt that writes each (its ``job_id``), the entry's id and its fields."""
@@ -233,11 +231,7 @@ class StreamStore:
     def __init__(self, redis: Redis, *, ttl_seconds: int) -> None:
         self.redis = redis
         self.ttl_seconds = ttl_seconds
-        self._create = redis.register_script(_CREATE)
-        self._start = redis.register_script(_START)
-        self._end = redis.register_script(_END)
-        self._cancel = redis.register_script(_CANCEL)
-        self._void = redis.register_script(_VOID)
+        self._calls = Calls(redis)
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -246,7 +240,8 @@ class StreamStore:
 
     async def create(self, job_id: str, queued: dict[str, Any], *, tenant: str | None, ttl_seconds: int) -> bool:
         """Open the job's stream with its ``queued`` event, unless it exists; True if this call did."""
-        created = await self._create(
+        created = await self._calls.run(
+            _CREATE,
             keys=[keys.events(job_id), keys.tenant(job_id)],
             args=[jsonutil.dumps(queued), ttl_seconds, tenant or ""],
         )
@@ -257,7 +252,8 @@ class StreamStore:
     ) -> Start:
         """Open the job's next attempt: number it, append ``started``, make it the owner. A stream
         that does not exist yet is created as ``create`` would (``queued``, ``tenant``, ``ttl_seconds``)."""
-        reply = await self._start(
+        reply = await self._calls.run(
+            _START,
             keys=[
                 keys.events(job_id),
                 keys.tenant(job_id),
@@ -289,7 +285,8 @@ class StreamStore:
             job whose start Redis refused).
         """
         assert type in TERMINAL_TYPES, type
-        result = await self._end(
+        result = await self._calls.run(
+            _END,
             keys=[
                 keys.events(job_id),
                 keys.owner(job_id),
@@ -311,7 +308,8 @@ class StreamStore:
     async def cancel(self, job_id: str) -> str:
         """Ask for the job's cancellation: ``cancelled`` (no attempt had started: it has ended),
         ``signal`` (an attempt holds it: its worker must be told), ``ended`` or ``unknown``."""
-        result = await self._cancel(
+        result = await self._calls.run(
+            _CANCEL,
             keys=[keys.events(job_id), keys.cancel_flag(job_id), keys.tenant(job_id)],
             args=[jsonutil.dumps({"partial": None}), self.ttl_seconds],
         )
@@ -330,7 +328,8 @@ class StreamStore:
         :param owner: what ``owner`` returned before the job went back to the queue.
         """
         error = make_error("worker_lost", "the worker running this job stopped renewing its lease")
-        result = await self._void(
+        result = await self._calls.run(
+            _VOID,
             keys=[
                 keys.events(job_id),
                 keys.owner(job_id),
@@ -353,7 +352,7 @@ class StreamStore:
         """
         stream_keys = [keys.events(attempt.job_id).encode() for attempt, _, _ in batch]
         argv = [part for _, entry_id, fields in batch for part in (entry_id, fields[T], fields[D])]
-        payload = _resp([b"EVALSHA", _APPEND_SHA, b"%d" % len(stream_keys), *stream_keys, *argv])
+        payload = resp([b"EVALSHA", _APPEND.sha, b"%d" % len(stream_keys), *stream_keys, *argv])
         pool = self.redis.connection_pool
         conn = await pool.get_connection()
         try:
@@ -361,7 +360,7 @@ class StreamStore:
             try:
                 reply = await conn.read_response()
             except NoScriptError:
-                await self.redis.script_load(APPEND_LUA)  # Redis restarted and forgot it
+                await self.redis.script_load(_APPEND.source)  # Redis restarted and forgot it
                 await conn.send_packed_command(payload, check_health=False)
                 reply = await conn.read_response()
         finally:
@@ -526,11 +525,3 @@ class StreamReader:
 def _position(entry_id: bytes) -> Position:
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq)
-
-
-def _resp(args: list[bytes]) -> bytes:
-    """A command in the Redis protocol (RESP)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
