@@ -189,21 +189,25 @@ class FleetClient:
         """
         position = parse_cursor(after)
         after = format_id(position)
-        last = await self.last_event(job_id)
-        if last.terminal and parse_id(last.id) <= position:
-            return
+        if position != (0, 0):  # from the start, the first read finds the job or its absence
+            last = await self.last_event(job_id)
+            if last.terminal and parse_id(last.id) <= position:
+                return
         async for event in self._follow(job_id, after):
             yield event
 
     async def _follow(self, job_id: str, after: str) -> AsyncIterator[Event]:
-        """``tail`` past its checks: read after ``after``, live, until the terminal event."""
+        """``tail`` past its checks: read after ``after``, live, until the terminal event. The first
+        read does not wait: a job with no stream is told at once."""
         streams = self.stores.streams
         reader = streams.reader(job_id)
         cursor = after
         delay = 0.05
+        block_ms: int | None = None
         while True:
             try:
-                entries = await reader.decode(await streams.read(job_id, cursor, count=READ_COUNT, block_ms=BLOCK_MS))
+                entries = await reader.decode(await streams.read(job_id, cursor, count=READ_COUNT, block_ms=block_ms))
+                block_ms = BLOCK_MS
                 if not entries and not await streams.exists(job_id):
                     raise UnknownJob(job_id)
             except Unavailable as exc:

@@ -423,6 +423,13 @@ def arq_source_hash(name: str) -> str:
     return hashlib.sha256(inspect.getsource(target).encode()).hexdigest()[:16]
 
 
+CLAIM_BATCH: Final = 16
+"""The most jobs one poll claims. A burst is shared out: every woken worker claims a batch, starts
+it, and claims again at once while jobs wait, and a busier worker comes back more slowly. Claiming
+all its free slots at once, the first worker to wake took a whole burst of 200 and started them one
+after another while the others idled (time to first token p99 ~200 ms against ~50 ms direct)."""
+
+
 class FencedWorker(Worker):
     """arq's ``Worker``, with claiming, waiting and finishing replaced (``ARQ_SURFACE``).
 
@@ -479,17 +486,17 @@ class FencedWorker(Worker):
                     # arq would re-raise it here and end the worker; the job's lease lapses instead.
                     logger.error("job %s: arq's run_job failed", job_id, exc_info=task.exception())
         taken: list[tuple[str, int]] = []
-        free = self.max_jobs - len(self.tasks)
+        wanted = min(self.max_jobs - len(self.tasks), CLAIM_BATCH)
         self._drained = False
-        if self.allow_pick_jobs and free > 0:
+        if self.allow_pick_jobs and wanted > 0:
             try:
                 taken = await self.queue.claim(
-                    free, lease_ms=self._lease_ms, in_progress_ms=int(self.in_progress_timeout_s * 1000)
+                    wanted, lease_ms=self._lease_ms, in_progress_ms=int(self.in_progress_timeout_s * 1000)
                 )
                 self._poll_failures = 0
                 # Fewer than asked: the queue is empty. A job's end then frees a slot with nothing to
                 # fill it, and needs no claim: a submit (or a requeue) wakes the loop again.
-                self._drained = len(taken) < free
+                self._drained = len(taken) < wanted
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 self._poll_failures += 1
                 delay = min(0.05 * 2**self._poll_failures, 2.0)

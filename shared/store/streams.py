@@ -401,8 +401,8 @@ class StreamStore:
         entries: list[RawEntry] = await self.redis.xrevrange(keys.events(job_id), count=count)
         return entries
 
-    async def read(self, job_id: str, after: str, *, count: int, block_ms: int) -> list[RawEntry]:
-        """Entries after ``after``, waiting up to ``block_ms`` for the first."""
+    async def read(self, job_id: str, after: str, *, count: int, block_ms: int | None) -> list[RawEntry]:
+        """Entries after ``after``, waiting up to ``block_ms`` for the first (``None``: not at all)."""
         response = await self.redis.xread({keys.events(job_id): after}, count=count, block=block_ms)
         return response[0][1] if response else []
 
