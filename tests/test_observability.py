@@ -55,7 +55,7 @@ async def test_worker_metrics_probes_and_logs_after_real_jobs(
         )
     base = f"http://127.0.0.1:{port}"
 
-    done = await fleet.submit(chat(tokens=20))
+    done = await fleet.submit(chat(tokens=80))
     failed = await fleet.submit(chat(fault="500"))  # every attempt answered 500: retried, then error
     slow = await fleet.submit(chat(tokens=500, tps=20))
     assert (await fleet.wait(done)).type == DONE
@@ -87,7 +87,7 @@ async def test_worker_metrics_probes_and_logs_after_real_jobs(
     assert value("streamfleet_upstream_errors_total", type="upstream_error") == 2
     assert value("streamfleet_queue_wait_seconds_count") == 3
     assert value("streamfleet_time_to_first_token_seconds_count") >= 2
-    assert value("streamfleet_inter_token_seconds_count") >= 2  # one gap in eight is observed
+    assert value("streamfleet_inter_token_seconds_count") >= 2  # one gap in 32 is observed
     assert value("streamfleet_deltas_total") >= 21
     assert value("streamfleet_published_bytes_total") > 1000
     assert value("streamfleet_open_streams") == 0

@@ -40,8 +40,9 @@ from .writer import BACKLOG_LIMIT
 
 logger = logging.getLogger(__name__)
 
-INTER_TOKEN_SAMPLE = 7
-"""``streamfleet_inter_token_seconds`` observes every eighth gap (deltas & 7 == 0)."""
+INTER_TOKEN_SAMPLE = 31
+"""``streamfleet_inter_token_seconds`` observes one gap in 32 (deltas & 31 == 0): a histogram takes a
+lock and searches its buckets: 3-6 % of the worker's CPU at 2,000 streams, observing one gap in 8."""
 
 
 async def generate(ctx: dict[str, Any], *, endpoint: str, request: dict[str, Any], tenant: str | None = None) -> None:
@@ -246,7 +247,7 @@ class Job:
                         self.first_token_s = now - last
                         metrics.TIME_TO_FIRST_TOKEN.observe(self.first_token_s)
                     elif not self.deltas & INTER_TOKEN_SAMPLE:
-                        metrics.INTER_TOKEN.observe(now - last)  # one gap in 8: a histogram takes locks
+                        metrics.INTER_TOKEN.observe(now - last)  # one gap in 32 (INTER_TOKEN_SAMPLE)
                     last = now
                     self.deltas += 1
                     accumulator.add(chunk, event.event)

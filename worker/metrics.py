@@ -28,7 +28,7 @@ TIME_TO_FIRST_TOKEN = Histogram(
 )
 INTER_TOKEN = Histogram(
     "streamfleet_inter_token_seconds",
-    "Between two consecutive deltas of one attempt (one gap in eight is observed)",
+    "Between two consecutive deltas of one attempt (one gap in 32 is observed)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 DELTAS = Counter("streamfleet_deltas_total", "Deltas published to job streams")

@@ -319,12 +319,15 @@ class StreamingTransport(httpx.AsyncBaseTransport):
         try:
             async with asyncio.timeout(timeout):
                 addresses = await self._addresses(host, port)
-                attempts = [functools.partial(attempt, address) for address in addresses]
-                winner, _, errors = await staggered_race(attempts, HAPPY_EYEBALLS_S)
+                if len(addresses) == 1:  # nothing to race (a refusal is an OSError: below)
+                    winner, errors = await attempt(addresses[0]), list[Exception | None]()
+                else:
+                    attempts = [functools.partial(attempt, address) for address in addresses]
+                    winner, _, errors = await staggered_race(attempts, HAPPY_EYEBALLS_S)
                 assert winner is None or isinstance(winner, _Connection)
         except TimeoutError as exc:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
-        except OSError as exc:  # DNS
+        except OSError as exc:  # DNS, or the one address refused us
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
         finally:
             for connection in made:

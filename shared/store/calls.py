@@ -96,24 +96,35 @@ class Calls:
 
     async def _send(self, batch: list[_Call]) -> list[_Call]:
         """Send a batch, hand each reply to its caller; return the calls whose script Redis lacked."""
-        pool = self._redis.connection_pool
-        connection = await pool.get_connection()
+        replies = await send_packed(self._redis, b"".join(command for _, command, _ in batch), len(batch))
         unknown = []
-        try:
-            await connection.send_packed_command(b"".join(command for _, command, _ in batch), check_health=False)
-            for call in batch:
-                future = call[2]
-                try:
-                    reply = await connection.read_response()
-                except NoScriptError:
-                    unknown.append(call)
-                    continue
-                except ResponseError as error:  # this call's own error; the connection is fine
-                    if not future.done():
-                        future.set_exception(error)
-                    continue
-                if not future.done():  # a caller that gave up (cancelled) is owed nothing
-                    future.set_result(reply)
-        finally:
-            await pool.release(connection)
+        for call, reply in zip(batch, replies, strict=True):
+            future = call[2]
+            if isinstance(reply, NoScriptError):
+                unknown.append(call)
+            elif future.done():  # a caller that gave up (cancelled) is owed nothing
+                continue
+            elif isinstance(reply, ResponseError):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
         return unknown
+
+
+async def send_packed(redis: Redis, payload: bytes, replies: int) -> list[Any]:
+    """Send commands packed in one payload on one of ``redis``'s connections and read their
+    ``replies``; an error Redis answers one command with is that command's reply (a
+    ``ResponseError``), and a connection that fails raises."""
+    pool = redis.connection_pool
+    connection = await pool.get_connection()
+    try:
+        await connection.send_packed_command(payload, check_health=False)
+        read: list[Any] = []
+        for _ in range(replies):
+            try:
+                read.append(await connection.read_response())
+            except ResponseError as error:  # this command's own error; the connection is fine
+                read.append(error)
+        return read
+    finally:
+        await pool.release(connection)

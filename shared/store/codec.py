@@ -39,10 +39,8 @@ from typing import Any, Final
 from .. import jsonutil
 from ..errors import InvalidRequest
 from ..models import DELTA, TERMINAL_TYPES, Event
-
-FORMAT: Final = 1
-"""The version of this entry format. It is part of the stream's key (``keys.events``): a reader of one
-format never meets another's entries. ``docs/stream-format.md`` is its specification."""
+from . import keys
+from .keys import FORMAT as FORMAT  # the entry format's version, named in the stream's key
 
 T: Final = b"t"
 D: Final = b"d"
@@ -193,10 +191,25 @@ class DeltaEncoder:
     :param started_id: the id Redis gave the attempt's ``started`` entry.
     """
 
-    __slots__ = ("_kind", "_ms", "_prefix", "_ref", "_ref_seq", "_seq", "_suffix", "fenced", "full", "job_id")
+    __slots__ = (
+        "_kind",
+        "_ms",
+        "_prefix",
+        "_ref",
+        "_ref_seq",
+        "_seq",
+        "_suffix",
+        "fenced",
+        "full",
+        "job_id",
+        "key_resp",
+    )
 
     def __init__(self, job_id: str, attempt: int, started_id: str) -> None:
         self.job_id = job_id
+        stream = keys.events(job_id).encode()
+        self.key_resp = b"$%d\r\n%b\r\n" % (len(stream), stream)
+        """The stream's key as one argument of a Redis command, packed once for all its appends."""
         self.fenced = False
         """Redis refused an entry of this attempt: a newer attempt or the job's end is in the stream."""
         self.full = False

@@ -14,7 +14,10 @@ from typing import Final
 
 from arq.constants import abort_jobs_ss, default_queue_name, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
-from .codec import FORMAT
+FORMAT: Final = 1
+"""The version of the entry format (``shared.store.codec``). It is part of the stream's key
+(``events``): a reader of one format never meets another's entries. ``docs/stream-format.md`` is its
+specification."""
 
 # The queue ------------------------------------------------------------------------------------------
 

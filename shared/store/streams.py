@@ -26,7 +26,7 @@ from redis.exceptions import NoScriptError
 from .. import jsonutil
 from ..models import TERMINAL_TYPES, make_error
 from . import keys
-from .calls import Calls, Lua, resp
+from .calls import Calls, Lua, resp, send_packed
 from .codec import D, Decoder, DeltaEncoder, Entry, Fields, Position, RawEntry, T, is_terminal
 
 # An entry comes back from XREVRANGE as {id, {"t", type, "d", data}}.
@@ -347,24 +347,26 @@ class StreamStore:
         """Append a batch of entries in one script call; return the 1-based positions Redis refused
         (the attempt is fenced or its stream gone), those it had no memory for, and the bytes sent.
 
-        The command is packed here: redis-py would encode each of the thousands of arguments in Python
-        and read one reply per command.
+        The command is packed here, each stream's key once per attempt (``DeltaEncoder.key_resp``):
+        redis-py would encode each of the thousands of arguments in Python.
         """
-        stream_keys = [keys.events(attempt.job_id).encode() for attempt, _, _ in batch]
-        argv = [part for _, entry_id, fields in batch for part in (entry_id, fields[T], fields[D])]
-        payload = resp([b"EVALSHA", _APPEND.sha, b"%d" % len(stream_keys), *stream_keys, *argv])
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(payload, check_health=False)
-            try:
-                reply = await conn.read_response()
-            except NoScriptError:
-                await self.redis.script_load(_APPEND.source)  # Redis restarted and forgot it
-                await conn.send_packed_command(payload, check_health=False)
-                reply = await conn.read_response()
-        finally:
-            await pool.release(conn)
+        count = b"%d" % len(batch)
+        parts = [
+            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$%d\r\n%b\r\n" % (3 + 4 * len(batch), _APPEND.sha, len(count), count)
+        ]
+        parts += [attempt.key_resp for attempt, _, _ in batch]
+        for _, entry_id, fields in batch:
+            kind, data = fields[T], fields[D]
+            parts.append(
+                b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(entry_id), entry_id, len(kind), kind, len(data), data)
+            )
+        payload = b"".join(parts)
+        (reply,) = await send_packed(self.redis, payload, 1)
+        if isinstance(reply, NoScriptError):
+            await self.redis.script_load(_APPEND.source)  # Redis restarted and forgot it
+            (reply,) = await send_packed(self.redis, payload, 1)
+        if isinstance(reply, Exception):
+            raise reply
         refused, full = reply
         return Appended([int(position) for position in refused], [int(position) for position in full], len(payload))
 
@@ -459,11 +461,12 @@ class StreamStore:
         return int(value) if value else 0
 
     async def cancel_requested(self, job_ids: list[str]) -> list[bool]:
-        """For each job, whether a cancel was asked for."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.exists(keys.cancel_flag(job_id))
-            return [bool(flag) for flag in await pipe.execute()]
+        """For each job, whether a cancel was asked for (one write and one read for them all: a
+        worker asks this of every job it runs, every few seconds)."""
+        if not job_ids:
+            return []
+        payload = b"".join(resp([b"EXISTS", keys.cancel_flag(job_id).encode()]) for job_id in job_ids)
+        return [flag == 1 for flag in await send_packed(self.redis, payload, len(job_ids))]
 
     async def scan_open(self, cursor: int, *, count: int = 500) -> tuple[int, list[tuple[str, str]]]:
         """One SCAN step over the jobs' streams: the next cursor (0 at the end) and ``(job id, last
