@@ -17,7 +17,7 @@ from shared.settings import Settings
 
 from .common import processes, redis_server, spawn, wait_all_ended
 
-JOBS = 1500
+JOBS = 3000
 SHORT = {"tokens": 10, "tps": 10_000, "ttft_ms": 0}
 
 
