@@ -117,6 +117,20 @@ def server_command(port: int, directory: Path, *, aof: bool = False) -> list[str
     ]
 
 
+def sentinel_command(port: int, directory: Path, *, service: str, primary_port: int, quorum: int) -> list[str]:
+    """The command line of a loopback Sentinel on ``port`` (the same binary, ``--sentinel``) that
+    monitors the primary on ``primary_port`` as ``service``: down after 1 s, a failover within 5 s.
+    Its config file is written in ``directory`` (a Sentinel rewrites its own)."""
+    config = directory / f"sentinel-{port}.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+        f"sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}\n"
+        f"sentinel down-after-milliseconds {service} 1000\n"
+        f"sentinel failover-timeout {service} 5000\n"
+    )
+    return [str(_binary()), str(config), "--sentinel"]
+
+
 def _start(state_dir: Path) -> EmbeddedServer:
     _, pid_path, url_path, log_path = _paths(state_dir)
     for _ in range(3):

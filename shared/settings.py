@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigurationError
+from .urls import is_sentinel_url, sentinel_url
 
 EMBEDDED = "embedded"
 
@@ -150,9 +151,15 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str | None) -> str | None:
         if value is None or value == EMBEDDED:
             return value
+        if is_sentinel_url(value):
+            sentinel_url(value)  # raises, saying what is wrong
+            return value
         parts = urlsplit(value)
         if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
-            raise ValueError(f"a Redis URL is redis://host:port, rediss://host:port or unix:///path, not {value!r}")
+            raise ValueError(
+                "a Redis URL is redis://host:port, rediss://host:port, unix:///path or "
+                f"redis+sentinel://host:port[,host:port...]/service, not {value!r}"
+            )
         return value
 
     @field_validator("upstream_base_url")

@@ -18,7 +18,7 @@ from arq.worker import func
 from shared import processes
 from shared.models import ERROR, make_error
 from shared.settings import Settings
-from shared.store import Stores, open_stores, queue
+from shared.store import Stores, Unavailable, open_stores, queue
 from shared.store.queue import FencedWorker
 
 from . import heartbeat
@@ -76,6 +76,21 @@ def build_worker(runtime: Runtime, *, concurrency: int, burst: bool) -> FencedWo
     )
 
 
+async def _reachable(stores: Stores) -> None:
+    """Wait for both roles' Redis, with backoff: a worker started while Redis restarts or the queue
+    fails over waits for it (not ready meanwhile) instead of exiting."""
+    delay = 0.1
+    while True:
+        try:
+            await stores.queue.ping()
+            await stores.streams.ping()
+            return
+        except Unavailable as exc:
+            logger.warning("Redis is not reachable yet (%s); trying again in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 async def _check_eviction_policy(stores: Stores) -> None:
     """A Redis that evicts keys loses jobs and streams: say so at start."""
     for role, policy in (await stores.eviction_policies()).items():
@@ -106,6 +121,7 @@ async def serve(
     stores = await open_stores(settings, name="streamfleet-worker")
     runtime = Runtime.create(settings, stores)
     worker = build_worker(runtime, concurrency=settings.concurrency, burst=burst)
+    await _reachable(stores)
     await _check_eviction_policy(stores)
     runtime.supervisor.start(runtime.tasks)
     runtime.tasks.start("heartbeat", lambda: heartbeat.beat(runtime, lambda: worker.held))

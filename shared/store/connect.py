@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from .. import embedded
 from ..settings import EMBEDDED, Settings
+from ..urls import is_sentinel_url, sentinel_url
 
 SOCKET_TIMEOUT_S = 15.0
 """Longer than any XREAD BLOCK we issue: a block longer than the socket timeout raises TimeoutError."""
@@ -31,8 +33,39 @@ def stream_url(settings: Settings) -> str:
     return _resolved(settings.stream_redis_url or settings.redis_url, settings)
 
 
+class _SentinelPool(SentinelConnectionPool):
+    """Connections to whichever server the Sentinels name as primary; closing it closes the
+    connections to the Sentinels too (redis-py leaves them open)."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        for sentinel in self.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+class _SentinelBlockingPool(_SentinelPool, BlockingConnectionPool):
+    """As ``_SentinelPool``, waiting for a free connection past the bound (redis-py has the two apart)."""
+
+
+def _sentinel_pool(url: str, options: dict[str, Any]) -> ConnectionPool:
+    """A pool of connections to the primary the Sentinels of ``url`` name (``sentinel_url``); after a
+    failover, a connection to the old primary fails and the next one goes to the new."""
+    target = sentinel_url(url)
+    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        target.sentinels,
+        sentinel_kwargs={"socket_timeout": 2.0, "socket_connect_timeout": 2.0, "password": target.sentinel_password},
+    )
+    connection: dict[str, Any] = {**options, "db": target.db, "username": target.username, "password": target.password}
+    if target.tls:
+        connection["ssl"] = True
+    if connection.get("max_connections") is not None:
+        return _SentinelBlockingPool(target.service, sentinels, timeout=SOCKET_TIMEOUT_S, **connection)  # type: ignore[no-untyped-call]
+    return _SentinelPool(target.service, sentinels, **connection)  # type: ignore[no-untyped-call]
+
+
 def pool(url: str, *, max_connections: int | None = None, name: str | None = None) -> ConnectionPool:
-    """A connection pool for ``url``; TLS connections check the server's hostname.
+    """A connection pool for ``url`` (a server's URL, or Sentinels': ``sentinel_url``); TLS
+    connections check the server's hostname.
 
     :param max_connections: a bound: past it, a command waits for a free connection (instead of
         failing, as redis-py's plain pool would).
@@ -45,6 +78,8 @@ def pool(url: str, *, max_connections: int | None = None, name: str | None = Non
         "max_connections": max_connections,
         "client_name": name,
     }
+    if is_sentinel_url(url):
+        return _sentinel_pool(url, options)
     if url.startswith("rediss://"):
         options["ssl_check_hostname"] = True
     if max_connections is not None:

@@ -423,6 +423,9 @@ def arq_source_hash(name: str) -> str:
     return hashlib.sha256(inspect.getsource(target).encode()).hexdigest()[:16]
 
 
+FINISH_RETRY_S: Final = 15.0
+"""How long finishing a job is tried again while the queue cannot be reached (a failover takes a few
+seconds)."""
 CLAIM_BATCH: Final = 16
 """The most jobs one poll claims. A burst is shared out: every woken worker claims a batch, starts
 it, and claims again at once while jobs wait, and a busier worker comes back more slowly. Claiming
@@ -534,7 +537,21 @@ class FencedWorker(Worker):
             # arq would ZINCRBY the job's score (still in its queue) by incr_score; ours left the queue
             # at the claim, so it goes back at that same time.
             again_at = score + incr_score if incr_score and score is not None else "now"
-        await self.queue.finish(job_id, again_at_ms=again_at)
+        # Through a Redis that blinks or fails over, the finish is tried again for a while; past that
+        # the job's lease lapses and the reaper lets go of it (its stream has ended: nothing runs again).
+        delay, give_up = 0.05, time.monotonic() + FINISH_RETRY_S
+        while True:
+            try:
+                await self.queue.finish(job_id, again_at_ms=again_at)
+                return
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if time.monotonic() > give_up:
+                    logger.warning(
+                        "job %s: the queue could not be told it finished (%s); its lease will lapse", job_id, exc
+                    )
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         expired = not await self.queue.has_job(job_id)

@@ -1,0 +1,60 @@
+"""Redis URLs the settings accept beyond redis-py's own: a queue behind Sentinels.
+
+``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db][?sentinel_password=...]``
+names the Sentinels (26379 when a port is left out) and the name they monitor the primary by;
+``rediss+sentinel://`` speaks TLS to the primary. The password is the primary's; Sentinels that ask
+for their own take ``sentinel_password``. Clients ask the Sentinels for the primary on every new
+connection, so after a failover the next connection goes to the promoted replica.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SENTINEL_PORT = 26379
+
+
+class SentinelURL(NamedTuple):
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_password: str | None
+    tls: bool
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.split("://", 1)[0] in SENTINEL_SCHEMES
+
+
+def sentinel_url(url: str) -> SentinelURL:
+    """Parse a Sentinel URL; ``ValueError`` saying what is wrong with it."""
+    parts = urlsplit(url)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    sentinels = []
+    for host in hosts.split(","):
+        if host.startswith("["):  # [IPv6]:port
+            name, _, rest = host[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            name, _, port = host.partition(":")
+        if not name or (port and not port.isdigit()):
+            raise ValueError(f"a Sentinel is host:port, not {host!r}")
+        sentinels.append((name, int(port) if port else SENTINEL_PORT))
+    path = [part for part in parts.path.split("/") if part]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("a Sentinel URL ends with /<service name> or /<service name>/<db>")
+    query = parse_qs(parts.query)
+    return SentinelURL(
+        sentinels=sentinels,
+        service=unquote(path[0]),
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        sentinel_password=query["sentinel_password"][0] if "sentinel_password" in query else None,
+        tls=parts.scheme == "rediss+sentinel",
+    )
