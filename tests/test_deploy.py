@@ -20,10 +20,12 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import yaml
 from packaging.requirements import Requirement
 
 from producer import FleetClient
+from shared.embedded import server_command
 from shared.models import DONE
 from shared.ports import free_port, port_open
 from shared.settings import Settings
@@ -294,3 +296,46 @@ def test_hpa_component_is_the_valid_alternative(tmp_path: Path) -> None:
     rules = (ROOT / "k8s" / "components" / "hpa" / "kustomization.yaml").read_text()
     query = next(line for line in rules.splitlines() if "metricsQuery" in line)
     assert exported(query) == {"streamfleet_queue_depth", "streamfleet_fleet_running_jobs"}
+
+
+def test_external_redis_component_runs_the_fleet_on_an_operators_sentinel(tmp_path: Path) -> None:
+    """The bundled Valkey goes; the pods still take their Redis URL (a Sentinel URL here) from the Secret."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    base, external = (os.path.relpath(ROOT / "k8s" / part, overlay) for part in ("base", "components/external-redis"))
+    (overlay / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{external}]\n")
+    objects = kustomize(overlay)
+    assert not [item for item in objects if item["metadata"]["name"].startswith("redis")]
+    validate(objects, tmp_path)
+    for name in ("streamfleet-worker", "streamfleet-gateway"):
+        container = by_kind(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        assert redis_url_from_secret(container), name
+    documented = (ROOT / "k8s" / "components" / "external-redis" / "kustomization.yaml").read_text()
+    for url in re.findall(r"STREAMFLEET_REDIS_URL=(\S+)", documented):
+        Settings(redis_url=url.replace("$PW", "secret"))  # the documented URLs are ones the fleet takes
+
+
+def test_compose_sentinel_profile_configures_sentinels_the_binary_accepts(tmp_path: Path, redis_url: str) -> None:
+    """The profile's replica follows `redis`, and the Sentinels' config, as the compose file writes it, is
+    run here by the embedded binary against a real primary: it names that primary."""
+    services = compose()["services"]
+    assert services["redis-replica"]["profiles"] == services["sentinel"]["profiles"] == ["sentinel"]
+    assert "--replicaof redis 6379" in " ".join(services["redis-replica"]["command"])
+    assert services["sentinel"]["deploy"]["replicas"] == 3
+    script = services["sentinel"]["command"][2]
+    config = re.search(r"printf '(.*?)'", script)
+    assert config is not None and "sentinel monitor streamfleet redis 6379 2" in config.group(1)
+    primary_port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    sentinel_port = free_port()
+    text = config.group(1).replace("\\n", "\n").replace("26379", str(sentinel_port))
+    (tmp_path / "sentinel.conf").write_text(text.replace("redis 6379", f"127.0.0.1 {primary_port}"))
+    binary = server_command(0, tmp_path)[0]
+    sentinel = subprocess.Popen([binary, str(tmp_path / "sentinel.conf"), "--sentinel"], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(sentinel_port), what="the Sentinel")
+        client = redis.Redis(port=sentinel_port, decode_responses=True)
+        assert client.sentinel_get_master_addr_by_name("streamfleet") == ("127.0.0.1", int(primary_port))
+        client.close()
+    finally:
+        stop_process(sentinel)
+    Settings(redis_url="redis+sentinel://sentinel:26379/streamfleet")  # the URL the file tells you to set
