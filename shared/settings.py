@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(default=10, ge=0)
     upstream_max_event_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     """Longest SSE line, and most data in one event, an upstream may send (past it: a final error)."""
+    upstream_max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    """Most bytes an upstream's answer may take once decompressed, per attempt (past it: a final error):
+    what bounds a compressed body of endless valid events. 64 MiB holds a 128k-token answer in
+    OpenAI's chunks (~40 MB)."""
     upstream_max_header_bytes: int = Field(default=64 * 1024, ge=4096)
     """Most bytes an upstream's status line and headers may take, together."""
     max_stream_events: int = Field(default=200_000, gt=0)

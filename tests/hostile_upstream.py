@@ -28,6 +28,20 @@ def _gzip_of_zeros(size: int) -> bytes:
 BOMB = _gzip_of_zeros(2 << 30)  # 2 GiB inflated, about 2 MB on the wire
 
 
+def _gzip_of_events(size: int) -> bytes:
+    """A gzip body that inflates to ``size`` bytes of valid 1-KB events, endlessly many: only a bound
+    on the decompressed answer stops it (made as ``_gzip_of_zeros`` is)."""
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"a" * 1000 + b'"}}]}\n\n'
+    block = event * ((1 << 20) // len(event) + 1)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    first = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    again = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return first + again * ((size >> 20) - 1)
+
+
+EVENT_BOMB = _gzip_of_events(64 << 20)
+
+
 def _head(status: str, headers: list[tuple[str, str]], body_length: int | None) -> bytes:
     lines = [f"HTTP/1.1 {status}", *(f"{name}: {value}" for name, value in headers)]
     lines.append(f"content-length: {body_length}" if body_length is not None else "connection: close")
@@ -38,6 +52,8 @@ async def answer(mode: str, authorization: str, writer: asyncio.StreamWriter) ->
     sse = [("content-type", "text/event-stream")]
     if mode == "bomb":
         writer.write(_head("200 OK", [*sse, ("content-encoding", "gzip")], len(BOMB)) + BOMB)
+    elif mode == "event_bomb":
+        writer.write(_head("200 OK", [*sse, ("content-encoding", "gzip")], len(EVENT_BOMB)) + EVENT_BOMB)
     elif mode == "long_line":
         writer.write(_head("200 OK", sse, None) + b"data: ")
         for _ in range(50):

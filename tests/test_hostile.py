@@ -58,6 +58,7 @@ def request(mode: str) -> dict[str, Any]:
 
 EXPECTED = {
     "bomb": (None, "a line of over 8388608 bytes"),
+    "event_bomb": (None, "answer passed 16777216 bytes"),
     "long_line": (None, "a line of over 8388608 bytes"),
     "huge_headers": (None, "over 65536 bytes of headers"),
     "huge_error_body": (500, "upstream answered 500"),
@@ -82,7 +83,12 @@ async def test_a_hostile_upstream_ends_its_jobs_in_clear_errors_within_bounded_m
     log = tmp_path / "worker.log"
     with open(log, "wb") as output:
         worker = start_worker(
-            env={"STREAMFLEET_UPSTREAM_BASE_URL": hostile, "STREAMFLEET_MAX_ATTEMPTS": "1"}, stderr=output
+            env={
+                "STREAMFLEET_UPSTREAM_BASE_URL": hostile,
+                "STREAMFLEET_MAX_ATTEMPTS": "1",
+                "STREAMFLEET_UPSTREAM_MAX_BODY_BYTES": str(16 << 20),
+            },
+            stderr=output,
         )
         ids = {mode: await fleet.submit(request(mode)) for mode in EXPECTED}
         ended = {mode: await fleet.wait(job_id, timeout=60) for mode, job_id in ids.items()}

@@ -9,7 +9,7 @@ Errors are sorted where behaviour splits:
     ├── UpstreamCut             the body broke off mid-stream, or ended before any event (retryable)
     └── UpstreamStreamError     the upstream reported an error inside the stream, or sent what is not
                                 an event stream: another content type, a line or event over the bound,
-                                a body that inflates past it (final)
+                                a body that inflates past its bound (final)
 
 What an upstream says in an error is scrubbed of credentials (``scrub``) before it is kept anywhere:
 the key the worker sent, bearer and basic tokens, key-shaped strings, and the values of
@@ -249,6 +249,7 @@ class Upstream:
             self.secrets = (key,)
         self._connect_timeout = settings.connect_timeout_seconds
         self._max_event_bytes = settings.upstream_max_event_bytes
+        self._max_body_bytes = settings.upstream_max_body_bytes
         transport = transport or self._transport_for(settings)
         self._direct = transport if isinstance(transport, StreamingTransport) else None
         base = httpx.URL(settings.upstream_base_url.rstrip("/") + "/")
@@ -351,7 +352,7 @@ class Upstream:
                         "upstream_error", message, status=response.status_code, upstream=_excerpt(raw, self.secrets)
                     )
                     raise UpstreamStreamError(error)
-                yield _events(response, self._max_event_bytes)
+                yield _events(response, self._max_event_bytes, self._max_body_bytes)
         except httpx.ConnectTimeout as exc:
             raise UpstreamTimeout(
                 make_error(
@@ -368,13 +369,20 @@ class Upstream:
             raise UpstreamCut(make_error("upstream_error", f"the upstream stream broke off: {exc}")) from exc
 
 
-async def _events(response: httpx.Response, max_event_bytes: int) -> AsyncIterator[SSEEvent]:
+async def _events(response: httpx.Response, max_event_bytes: int, max_body_bytes: int) -> AsyncIterator[SSEEvent]:
     parser = SSEParser(max_event_bytes=max_event_bytes)
     inflate = _Inflate(response.headers.get("content-encoding", ""))
     seen = False
+    size = 0
     try:
         async for data in _raw(response):
             for piece in inflate.pieces(data):
+                size += len(piece)
+                if size > max_body_bytes:
+                    message = (
+                        f"the upstream's answer passed {max_body_bytes} bytes (STREAMFLEET_UPSTREAM_MAX_BODY_BYTES)"
+                    )
+                    raise UpstreamStreamError(make_error("upstream_error", message))
                 for event in parser.feed(piece):
                     seen = True
                     if event.data == DONE_MARKER:
