@@ -16,7 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigurationError
-from .urls import is_sentinel_url, sentinel_url
+from .urls import cluster_url, is_cluster_url, is_sentinel_url, sentinel_url
 
 EMBEDDED = "embedded"
 
@@ -150,10 +150,23 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         return value if value else None
 
+    @field_validator("redis_url")
+    @classmethod
+    def _queue_not_on_a_cluster(cls, value: str) -> str:
+        if is_cluster_url(value):
+            raise ValueError(
+                "the queue needs one primary (or Sentinels): a Redis Cluster holds the job streams, "
+                "STREAMFLEET_STREAM_REDIS_URL"
+            )
+        return value
+
     @field_validator("redis_url", "stream_redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
         if value is None or value == EMBEDDED:
+            return value
+        if is_cluster_url(value):
+            cluster_url(value)  # raises, saying what is wrong
             return value
         if is_sentinel_url(value):
             sentinel_url(value)  # raises, saying what is wrong

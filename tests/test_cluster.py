@@ -4,6 +4,10 @@ script of a job's life runs on one node; job ids spread evenly over the primarie
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -11,8 +15,14 @@ from pathlib import Path
 import pytest
 import redis
 
+from producer import FleetClient
+from shared.models import CANCELLED, DONE, TERMINAL_TYPES
+from shared.settings import Settings
 from shared.store import keys
+from simulator import expected_text
 from tests.cluster import local_cluster
+from tests.conftest import Simulator, stop_process
+from tests.test_failures import chat, history
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -43,3 +53,58 @@ def test_a_jobs_keys_share_a_slot_and_jobs_spread_over_the_primaries(tmp_path: P
         )
         with pytest.raises(redis.ResponseError, match="CROSSSLOT"):  # same node, another slot
             owner.xread({keys.events(job_ids[0]): "0", keys.events(other): "0"})
+
+
+async def test_workers_and_the_client_keep_job_streams_on_a_cluster(
+    tmp_path: Path, simulator: Simulator, redis_url: str, state_dir: Path
+) -> None:
+    """Workers write and the Python client tails job streams on a 3-primary cluster (the queue on its own
+    server, the cluster named by two seeds): 30 jobs over every primary, 10 tailed live, one cancelled;
+    every job ends once with its whole text, and each tail saw its job's every event."""
+    with local_cluster(tmp_path) as cluster:
+        streams_url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in cluster.primaries[:2])
+        env = {
+            **os.environ,
+            "STREAMFLEET_REDIS_URL": redis_url,
+            "STREAMFLEET_STREAM_REDIS_URL": streams_url,
+            "STREAMFLEET_UPSTREAM_BASE_URL": simulator.base_url,
+            "STREAMFLEET_STATE_DIR": str(state_dir),
+            "STREAMFLEET_WORKER_PROCESSES": "1",
+        }
+        workers = [subprocess.Popen([sys.executable, "-m", "worker"], env=env) for _ in range(2)]
+        settings = Settings(redis_url=redis_url, stream_redis_url=streams_url, state_dir=state_dir)
+        try:
+            async with FleetClient(settings) as fleet:
+                requests = [chat(f"on the cluster {i}", tokens=40, tps=40) for i in range(30)]
+                ids = [await fleet.submit(request) for request in requests]
+                assert {cluster.owner(keys.events(job_id)) for job_id in ids} == set(cluster.primaries)
+                cancelled = ids[-1]
+                assert await fleet.cancel(cancelled) in ("cancelled", "signalled")
+
+                async def tail(job_id: str) -> list[str]:
+                    return [event.id async for event in fleet.tail(job_id)]
+
+                seen = await asyncio.wait_for(asyncio.gather(*(tail(job_id) for job_id in ids[:10])), timeout=60)
+                ends = [await fleet.wait(job_id, timeout=60) for job_id in ids]
+                for job_id, request, end in zip(ids, requests, ends, strict=True):
+                    events = await history(fleet, job_id)
+                    assert [event.type in TERMINAL_TYPES for event in events].count(True) == 1, job_id
+                    if job_id == cancelled:
+                        assert end.type == CANCELLED
+                    else:
+                        assert end.type == DONE, (job_id, end)
+                        assert (await fleet.result(job_id))["text"] == expected_text(request)
+                for job_id, ids_seen in zip(ids[:10], seen, strict=True):
+                    assert ids_seen == [event.id for event in await history(fleet, job_id)]
+        finally:
+            for worker in workers:
+                stop_process(worker)
+            assert [worker.returncode for worker in workers] == [0, 0]
+
+
+def test_the_gateway_refuses_a_cluster_it_cannot_follow_yet(fleet_env: dict[str, str]) -> None:
+    env = {**os.environ, **fleet_env, "STREAMFLEET_STREAM_REDIS_URL": "redis+cluster://127.0.0.1:7000"}
+    done = subprocess.run(
+        [sys.executable, "-m", "producer.gateway", "--port", "0"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2 and "Redis Cluster" in done.stderr.strip().splitlines()[-1], done.stderr

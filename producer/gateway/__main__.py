@@ -23,4 +23,8 @@ if __name__ == "__main__":
         print(f"streamfleet: invalid settings: {exc}", file=sys.stderr)
         sys.exit(2)
     logs.configure(settings.log_format)
-    serve(settings, host=args.host, port=args.port, workers=args.workers)
+    try:
+        serve(settings, host=args.host, port=args.port, workers=args.workers)
+    except ConfigurationError as exc:
+        print(f"streamfleet: {exc}", file=sys.stderr)
+        sys.exit(2)

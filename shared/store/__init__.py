@@ -33,8 +33,9 @@ key                         type         role                                   
 ``sf:queued``               channel      a submit names its job id               -                  submit
 =========================== ============ ======================================= ================== ==============
 
-**The stream store** (``STREAMFLEET_STREAM_REDIS_URL``; ``store.streams``): every key of one job, each
-with the job id as a hash tag so that a job's keys share a Redis Cluster slot.
+**The stream store** (``STREAMFLEET_STREAM_REDIS_URL``; ``store.streams``, or ``store.cluster`` on a
+Redis Cluster): every key of one job, each with the job id as a hash tag so that a job's keys share a
+Redis Cluster slot.
 
 =========================== ============ ======================================= ================== ==============
 key                         type         role                                    TTL                written by

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from .. import embedded
 from ..settings import EMBEDDED, Settings
-from ..urls import is_sentinel_url, sentinel_url
+from ..urls import cluster_url, is_sentinel_url, sentinel_url
 
 SOCKET_TIMEOUT_S = 15.0
 """Longer than any XREAD BLOCK we issue: a block longer than the socket timeout raises TimeoutError."""
@@ -90,3 +91,20 @@ def pool(url: str, *, max_connections: int | None = None, name: str | None = Non
 def connect(url: str, *, max_connections: int | None = None, name: str | None = None) -> Redis:
     """A ``redis.asyncio.Redis`` with bytes responses; closing it closes its pool."""
     return Redis.from_pool(pool(url, max_connections=max_connections, name=name))
+
+
+def connect_cluster(url: str, *, name: str | None = None) -> RedisCluster:
+    """A ``redis.asyncio.RedisCluster`` from a cluster URL's seed nodes (``shared.urls``): it learns the
+    slots' owners from them, follows MOVED and ASK, and learns them again after a failover."""
+    target = cluster_url(url)
+    cluster: RedisCluster = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+        ssl_check_hostname=target.tls,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=5.0,
+        client_name=name,
+    )
+    return cluster

@@ -7,20 +7,23 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Final
 
+from redis.exceptions import ClusterDownError, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError as OutOfMemory
-from redis.exceptions import RedisError
 from redis.exceptions import RedisError as StoreError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..settings import Settings
+from ..urls import is_cluster_url
 from . import connect, queue
+from .cluster import ClusterStreamStore
 from .queue import QueueStore
 from .streams import StreamStore
 
-Unavailable: Final = (RedisConnectionError, RedisTimeoutError, OSError)
-"""What a Redis that cannot be reached raises: worth waiting and trying again. (``StoreError``, redis-py's
-``RedisError``, is the root of every error a Redis command raises.)"""
+Unavailable: Final = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError)
+"""What a Redis that cannot be reached raises: worth waiting and trying again (on a cluster, also a
+slot whose primary is failing over). (``StoreError``, redis-py's ``RedisError``, is the root of every
+error a Redis command raises.)"""
 __all__ = ["OutOfMemory", "StoreError", "Stores", "Unavailable", "open_stores", "stream_ttl_while_queued"]
 
 
@@ -69,7 +72,9 @@ class Stores:
 
     async def aclose(self) -> None:
         await self.queue.redis.aclose(close_connection_pool=True)
-        if self.split:
+        if isinstance(self.streams, ClusterStreamStore):
+            await self.streams.redis.aclose()
+        elif self.split:
             await self.streams.redis.aclose(close_connection_pool=True)
 
 
@@ -82,6 +87,9 @@ async def open_stores(settings: Settings, *, name: str, max_connections: int | N
     queue_url = await asyncio.to_thread(connect.queue_url, settings)
     stream_url = await asyncio.to_thread(connect.stream_url, settings)
     queue_client = queue.connect(connect.pool(queue_url, max_connections=max_connections, name=name))
+    if is_cluster_url(stream_url):
+        cluster = connect.connect_cluster(stream_url, name=name)
+        return Stores(QueueStore(queue_client), ClusterStreamStore(cluster, ttl_seconds=settings.stream_ttl_seconds))
     stream_client = (
         queue_client
         if stream_url == queue_url
