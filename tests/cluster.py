@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 from shared.embedded import server_command
 from shared.ports import free_port, port_open
@@ -33,8 +34,8 @@ class LocalCluster:
         return redis.Redis(port=port, socket_timeout=2, decode_responses=True)
 
     def owner(self, key: str) -> int:
-        """The port of the primary that holds ``key``'s slot."""
-        slot = int(self.client(self.primaries[0]).execute_command("CLUSTER", "KEYSLOT", key))
+        """The port of the primary that was given ``key``'s slot (before any failover)."""
+        slot = key_slot(key.encode())
         return self.primaries[min(slot * len(self.primaries) // SLOTS, len(self.primaries) - 1)]
 
     def ok(self) -> bool:
@@ -58,6 +59,7 @@ def local_cluster(directory: Path, *, primaries: int = 3, replicas_each: int = 1
             command = [
                 *server_command(port, node),
                 *("--cluster-enabled", "yes", "--cluster-config-file", str(node / "nodes.conf")),
+                *("--logfile", str(node / "valkey.log"), "--repl-diskless-sync-delay", "0"),
                 *(
                     "--cluster-node-timeout",
                     "2000",
@@ -83,6 +85,11 @@ def local_cluster(directory: Path, *, primaries: int = 3, replicas_each: int = 1
             primary = cluster.client(cluster.primaries[i % primaries]).execute_command("CLUSTER", "MYID")
             cluster.client(port).execute_command("CLUSTER", "REPLICATE", primary)
         wait_until(cluster.ok, timeout=20, what="cluster_state:ok")
+        # A replica that never synced may not take over (its data is "too old"): wait for every link.
+        synced = lambda: all(  # noqa: E731
+            cluster.client(port).info("replication").get("master_link_status") == "up" for port in cluster.replicas
+        )
+        wait_until(synced, timeout=20, what="every replica to sync")
         yield cluster
     finally:
         for process in cluster.processes.values():

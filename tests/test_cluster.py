@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -16,9 +17,9 @@ import pytest
 import redis
 
 from producer import FleetClient
-from shared.models import CANCELLED, DONE, TERMINAL_TYPES
+from shared.models import CANCELLED, DONE, TERMINAL_TYPES, Event
 from shared.settings import Settings
-from shared.store import keys
+from shared.store import Unavailable, keys
 from simulator import expected_text
 from tests.cluster import local_cluster
 from tests.conftest import Simulator, stop_process
@@ -108,3 +109,63 @@ def test_the_gateway_refuses_a_cluster_it_cannot_follow_yet(fleet_env: dict[str,
         [sys.executable, "-m", "producer.gateway", "--port", "0"], env=env, capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 2 and "Redis Cluster" in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+async def test_job_streams_on_a_cluster_survive_the_death_of_a_primary(
+    tmp_path: Path, simulator: Simulator, redis_url: str, state_dir: Path
+) -> None:
+    """A primary that owns running jobs is SIGKILLed mid-stream: its replica takes over (node timeout 2 s),
+    the writers and the tailers wait it out, and every job ends once with its whole text, every tail with
+    its job's end."""
+    with local_cluster(tmp_path) as cluster:
+        streams_url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in cluster.primaries[:2])
+        env = {
+            **os.environ,
+            "STREAMFLEET_REDIS_URL": redis_url,
+            "STREAMFLEET_STREAM_REDIS_URL": streams_url,
+            "STREAMFLEET_UPSTREAM_BASE_URL": simulator.base_url,
+            "STREAMFLEET_STATE_DIR": str(state_dir),
+            "STREAMFLEET_WORKER_PROCESSES": "1",
+        }
+        workers = [subprocess.Popen([sys.executable, "-m", "worker"], env=env) for _ in range(2)]
+        settings = Settings(redis_url=redis_url, stream_redis_url=streams_url, state_dir=state_dir)
+        try:
+            async with FleetClient(settings) as fleet:
+                requests = [chat(f"through a failover {i}", tokens=80, tps=20) for i in range(20)]
+                ids = [await fleet.submit(request) for request in requests]
+
+                async def tail(job_id: str) -> list[str]:
+                    return [event.id async for event in fleet.tail(job_id)]
+
+                tails = [asyncio.create_task(tail(job_id)) for job_id in ids[:8]]
+                async for event in fleet.tail(ids[0]):
+                    if event.type == "delta":
+                        break
+                victim = cluster.owner(keys.events(ids[0]))
+                cluster.processes[victim].send_signal(signal.SIGKILL)
+                cluster.processes[victim].wait()
+                ends = [await _wait(fleet, job_id) for job_id in ids]
+                seen = await asyncio.wait_for(asyncio.gather(*tails), timeout=60)
+                on_victim = sum(cluster.owner(keys.events(job_id)) == victim for job_id in ids)
+                print(f"{on_victim} of {len(ids)} jobs lived on the killed primary")
+                for job_id, request, end in zip(ids, requests, ends, strict=True):
+                    events = await history(fleet, job_id)
+                    assert [event.type in TERMINAL_TYPES for event in events].count(True) == 1, job_id
+                    assert end.type == DONE, (job_id, end)
+                    assert (await fleet.result(job_id))["text"] == expected_text(request)
+                for job_id, ids_seen in zip(ids[:8], seen, strict=True):
+                    assert ids_seen[-1] == (await history(fleet, job_id))[-1].id
+        finally:
+            for worker in workers:
+                stop_process(worker)
+
+
+async def _wait(fleet: FleetClient, job_id: str) -> Event:
+    """``wait``, called again while the cluster fails over (``tail`` retries by itself; ``wait`` raises
+    what Redis raised and leaves the retry to its caller)."""
+    for _ in range(300):
+        try:
+            return await fleet.wait(job_id, timeout=90)
+        except Unavailable:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{job_id} never ended")

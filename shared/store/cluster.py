@@ -21,7 +21,7 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, NoScriptError, TryAgainError
+from redis.exceptions import ClusterDownError, NoScriptError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -30,8 +30,9 @@ from .calls import Lua
 from .codec import D, RawEntry, T, is_terminal
 from .streams import _APPEND, Appended, Batch, StreamStore, Wake
 
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError)
-"""``stores.Unavailable``, which imports this module."""
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError, RedisClusterException)
+"""``stores.Unavailable``, which imports this module: on a cluster, also a slot whose primary is failing
+over, and a client that cannot reach a node to learn the slots from."""
 
 
 class ClusterCalls:

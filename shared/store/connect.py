@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .. import embedded
 from ..settings import EMBEDDED, Settings
@@ -93,12 +94,62 @@ def connect(url: str, *, max_connections: int | None = None, name: str | None = 
     return Redis.from_pool(pool(url, max_connections=max_connections, name=name))
 
 
+class _SeededCluster(RedisCluster):
+    """``RedisCluster`` that keeps its seed nodes: redis-py forgets a node whose command failed from the
+    nodes it learns the cluster from, and a failed command closes every node's connections, so one
+    primary's death fails the commands in flight on the others too: under concurrent readers that left
+    no node to learn from, for good ("Redis Cluster cannot be connected")."""
+
+    def __init__(self, seeds: list[tuple[str, int]], **options: Any) -> None:
+        super().__init__(startup_nodes=[ClusterNode(host, port) for host, port in seeds], **options)
+        self._seeds = seeds
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (RuntimeError, AttributeError) as exc:
+            raise await self._closed_under(exc) from exc
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        super().pipeline(transaction, shard_hint)  # what it refuses (a transaction), refused the same way
+        return _ClosedAware(self)  # type: ignore[abstract]
+
+    async def _closed_under(self, exc: Exception) -> Exception:
+        """A node's error makes redis-py close every node's connections, also those other commands are
+        using: uvloop then raises RuntimeError on a closed transport, and redis-py AttributeError on a
+        connection whose writer is gone. Either is an unreachable Redis, to be tried again."""
+        closed = "closed" in str(exc) if isinstance(exc, RuntimeError) else "'NoneType' object" in str(exc)
+        if not closed:
+            return exc
+        await self.aclose()
+        return RedisConnectionError(f"a cluster connection was closed under a command ({exc})")
+
+    async def initialize(self) -> RedisCluster:
+        known = self.nodes_manager.startup_nodes
+        for host, port in self._seeds:
+            if f"{host}:{port}" not in known:
+                node = ClusterNode(host, port, **self.connection_kwargs)
+                known[node.name] = node
+        return await super().initialize()
+
+
+class _ClosedAware(ClusterPipeline):
+    """A cluster pipeline that reports a connection closed under it as ``_SeededCluster`` does."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except (RuntimeError, AttributeError) as exc:
+            assert isinstance(self._client, _SeededCluster)
+            raise await self._client._closed_under(exc) from exc
+
+
 def connect_cluster(url: str, *, name: str | None = None) -> RedisCluster:
     """A ``redis.asyncio.RedisCluster`` from a cluster URL's seed nodes (``shared.urls``): it learns the
     slots' owners from them, follows MOVED and ASK, and learns them again after a failover."""
     target = cluster_url(url)
-    cluster: RedisCluster = RedisCluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+    cluster: RedisCluster = _SeededCluster(  # type: ignore[abstract]
+        target.nodes,
         username=target.username,
         password=target.password,
         ssl=target.tls,

@@ -7,20 +7,18 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Final
 
-from redis.exceptions import ClusterDownError, RedisError, TryAgainError
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError as OutOfMemory
+from redis.exceptions import RedisError
 from redis.exceptions import RedisError as StoreError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..settings import Settings
 from ..urls import is_cluster_url
 from . import connect, queue
-from .cluster import ClusterStreamStore
+from .cluster import UNREACHABLE, ClusterStreamStore
 from .queue import QueueStore
 from .streams import StreamStore
 
-Unavailable: Final = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError)
+Unavailable: Final = UNREACHABLE
 """What a Redis that cannot be reached raises: worth waiting and trying again (on a cluster, also a
 slot whose primary is failing over). (``StoreError``, redis-py's ``RedisError``, is the root of every
 error a Redis command raises.)"""
