@@ -39,9 +39,8 @@ def is_sentinel_url(url: str) -> bool:
 def sentinel_url(url: str) -> SentinelURL:
     """Parse a Sentinel URL; ``ValueError`` saying what is wrong with it."""
     parts = urlsplit(url)
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    username, _, password = credentials.partition(":") if credentials else ("", "", "")
-    sentinels = [_host_port(host, SENTINEL_PORT) for host in hosts.split(",")]
+    username, password, hosts = _netloc(parts.netloc)
+    sentinels = [_host_port(host, SENTINEL_PORT) for host in hosts]
     path = [part for part in parts.path.split("/") if part]
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ValueError("a Sentinel URL ends with /<service name> or /<service name>/<db>")
@@ -50,8 +49,8 @@ def sentinel_url(url: str) -> SentinelURL:
         sentinels=sentinels,
         service=unquote(path[0]),
         db=int(path[1]) if len(path) == 2 else 0,
-        username=unquote(username) or None,
-        password=unquote(password) or None,
+        username=username,
+        password=password,
         sentinel_password=query["sentinel_password"][0] if "sentinel_password" in query else None,
         tls=parts.scheme == "rediss+sentinel",
     )
@@ -71,12 +70,19 @@ def is_cluster_url(url: str) -> bool:
 def cluster_url(url: str) -> ClusterURL:
     """Parse a cluster URL; ``ValueError`` saying what is wrong with it."""
     parts = urlsplit(url)
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    username, _, password = credentials.partition(":") if credentials else ("", "", "")
-    nodes = [_host_port(host, None) for host in hosts.split(",")]
+    username, password, hosts = _netloc(parts.netloc)
+    nodes = [_host_port(host, None) for host in hosts]
     if parts.path.strip("/"):
         raise ValueError("a cluster URL has no path: a Redis Cluster has only database 0")
-    return ClusterURL(nodes, unquote(username) or None, unquote(password) or None, parts.scheme == "rediss+cluster")
+    return ClusterURL(nodes, username, password, parts.scheme == "rediss+cluster")
+
+
+def _netloc(netloc: str) -> tuple[str | None, str | None, list[str]]:
+    """``[[user]:password@]host[,host...]``: the user, the password (unquoted; ``None`` when empty) and
+    the hosts."""
+    credentials, _, hosts = netloc.rpartition("@")
+    username, _, password = credentials.partition(":")
+    return unquote(username) or None, unquote(password) or None, hosts.split(",")
 
 
 def _host_port(host: str, default: int | None) -> tuple[str, int]:

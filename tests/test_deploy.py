@@ -284,12 +284,17 @@ def test_keda_scales_the_worker_on_metrics_the_fleet_exports(production: list[di
     assert exported(trigger["metadata"]["query"]) == {"streamfleet_queue_depth", "streamfleet_fleet_running_jobs"}
 
 
-def test_hpa_component_is_the_valid_alternative(tmp_path: Path) -> None:
-    overlay = tmp_path / "hpa"
+def with_component(component: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """k8s/base with one of k8s/components, built."""
+    overlay = tmp_path / "overlay"
     overlay.mkdir()
-    base, hpa = (os.path.relpath(ROOT / "k8s" / part, overlay) for part in ("base", "components/hpa"))
-    (overlay / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{hpa}]\n")
-    objects = kustomize(overlay)
+    base, added = (os.path.relpath(ROOT / "k8s" / part, overlay) for part in ("base", f"components/{component}"))
+    (overlay / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{added}]\n")
+    return kustomize(overlay)
+
+
+def test_hpa_component_is_the_valid_alternative(tmp_path: Path) -> None:
+    objects = with_component("hpa", tmp_path)
     validate(objects, tmp_path)
     hpa = by_kind(objects, "HorizontalPodAutoscaler", "streamfleet-worker")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "streamfleet-worker"
@@ -300,11 +305,7 @@ def test_hpa_component_is_the_valid_alternative(tmp_path: Path) -> None:
 
 def test_external_redis_component_runs_the_fleet_on_an_operators_sentinel(tmp_path: Path) -> None:
     """The bundled Valkey goes; the pods still take their Redis URL (a Sentinel URL here) from the Secret."""
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    base, external = (os.path.relpath(ROOT / "k8s" / part, overlay) for part in ("base", "components/external-redis"))
-    (overlay / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{external}]\n")
-    objects = kustomize(overlay)
+    objects = with_component("external-redis", tmp_path)
     assert not [item for item in objects if item["metadata"]["name"].startswith("redis")]
     validate(objects, tmp_path)
     for name in ("streamfleet-worker", "streamfleet-gateway"):

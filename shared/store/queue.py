@@ -423,6 +423,9 @@ def arq_source_hash(name: str) -> str:
     return hashlib.sha256(inspect.getsource(target).encode()).hexdigest()[:16]
 
 
+_UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+"""The queue's Redis cannot be reached (``stores.Unavailable`` less the cluster's errors: the queue is
+never on a cluster): the poll and the finish wait and try again."""
 FINISH_RETRY_S: Final = 15.0
 """How long finishing a job is tried again while the queue cannot be reached (a failover takes a few
 seconds)."""
@@ -500,7 +503,7 @@ class FencedWorker(Worker):
                 # Fewer than asked: the queue is empty. A job's end then frees a slot with nothing to
                 # fill it, and needs no claim: a submit (or a requeue) wakes the loop again.
                 self._drained = len(taken) < wanted
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except _UNREACHABLE as exc:
                 self._poll_failures += 1
                 delay = min(0.05 * 2**self._poll_failures, 2.0)
                 logger.warning("polling the queue failed (%s); again in %.2fs", exc, delay)
@@ -544,7 +547,7 @@ class FencedWorker(Worker):
             try:
                 await self.queue.finish(job_id, again_at_ms=again_at)
                 return
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except _UNREACHABLE as exc:
                 if time.monotonic() > give_up:
                     logger.warning(
                         "job %s: the queue could not be told it finished (%s); its lease will lapse", job_id, exc
