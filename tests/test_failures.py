@@ -262,6 +262,26 @@ async def test_cancel_of_a_job_waiting_to_retry(fleet: FleetClient, start_worker
     assert events[-1].type == CANCELLED and events[-1].data["partial"] is None
 
 
+async def test_a_cancel_published_while_the_listener_was_away_still_stops_the_job(
+    fleet: FleetClient, start_worker: WorkerFactory, sync_redis: redis.Redis
+) -> None:
+    """The flag is set and its message lost (the worker's pub/sub connection is down): the worker
+    checks its jobs' flags when it subscribes again, long before its 30 s backstop sweep."""
+    start_worker(env=FAST)
+    job_id = await fleet.submit(chat("cancelled unheard", tokens=400, tps=20))
+    deltas = 0
+    async for event in fleet.tail(job_id):
+        deltas += event.type == DELTA
+        if deltas == 20:  # a second in: the worker's start-up checks are behind it
+            break
+    assert await fleet.stores.streams.cancel(job_id) == "signal"  # the flag, with no message
+    assert sync_redis.client_kill_filter(_type="pubsub") >= 1
+    began = time.monotonic()
+    assert (await fleet.wait(job_id, timeout=15)).type == CANCELLED
+    assert time.monotonic() - began < 10
+    check_history(await history(fleet, job_id))
+
+
 async def test_a_subscriber_that_leaves_cancels_nothing(fleet: FleetClient, start_worker: WorkerFactory) -> None:
     start_worker(env=FAST)
     request = chat("leave early", tokens=20)

@@ -101,9 +101,12 @@ class Job:
         self.deltas = 0
         self.pending: asyncio.Future[None] | None = None
         self.first_token_s: float | None = None
+        self.queue_wait_s: float | None = None
 
     def log(self, level: int, message: str, *args: Any, **fields: Any) -> None:
         """One log line about this job; in JSON logs ``fields`` become keys beside job, attempt and worker."""
+        if not logger.isEnabledFor(level):
+            return
         attempt = self.start.attempt if self.start is not None else None
         extra = {"job": self.job_id, "attempt": attempt, "worker": self.runtime.worker_id, **fields}
         logger.log(level, "job %s: " + message, self.job_id, *args, extra=extra)
@@ -185,19 +188,11 @@ class Job:
             self.pending = None
             self.first_token_s = None
             metrics.ATTEMPTS.inc()
-            waited: dict[str, float] = {}
             if start.attempt == 1:
-                queue_wait = max(0.0, time.time() - self.enqueued)
-                metrics.QUEUE_WAIT.observe(queue_wait)
-                waited = {"queue_wait_s": round(queue_wait, 4)}
-            self.log(
-                logging.INFO,
-                "attempt %d started on %s",
-                start.attempt,
-                self.runtime.worker_id,
-                event="started",
-                **waited,
-            )
+                self.queue_wait_s = max(0.0, time.time() - self.enqueued)
+                metrics.QUEUE_WAIT.observe(self.queue_wait_s)
+            # At DEBUG: the job's one line at INFO is its end, which repeats what this one says.
+            self.log(logging.DEBUG, "attempt %d started on %s", start.attempt, self.runtime.worker_id, event="started")
             return True
         runtime = self.runtime
         if start.status == "cancel":
@@ -333,6 +328,8 @@ class Job:
             ended = await self.runtime.end(self.job_id, kind, data, opening=opening)
         elapsed = time.monotonic() - began
         timings = {"elapsed_s": round(elapsed, 4), "deltas": self.deltas}
+        if self.queue_wait_s is not None:
+            timings["queue_wait_s"] = round(self.queue_wait_s, 4)
         if self.first_token_s is not None:
             timings["ttft_s"] = round(self.first_token_s, 4)
         if kind == ERROR:

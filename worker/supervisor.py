@@ -2,8 +2,10 @@
 wake-up that lets an idle worker take a new job the moment it is submitted.
 
 A cancel request sets the job's cancel flag and publishes its id (``producer.client.FleetClient.cancel``). The
-supervisor listens on that channel and cancels the task of a job it runs at once; pub/sub can miss a
-message while the connection is down, so it also checks the flags of its jobs every ``SWEEP_S``.
+supervisor listens on that channel and cancels the task of a job it runs at once. Pub/sub misses only
+what is published while its connection is down, so the flags of every job it runs are checked each
+time the listener (re)subscribes, and, as a backstop, every ``SWEEP_S``: one EXISTS per job, which at
+2,000 jobs every 2 s was 2.5 % of the worker's CPU.
 
 Timeouts are checked here too, every ``TICK_S``, instead of arming a timer per upstream read: a job
 only stamps ``Watch.last_event`` as each event arrives. The reason a task was cancelled is left on
@@ -23,7 +25,7 @@ from shared.tasks import Supervised
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.25
-SWEEP_S = 2.0
+SWEEP_S = 30.0
 
 CANCEL = "cancel"
 FIRST_BYTE = "first_byte"
@@ -65,6 +67,7 @@ class Supervisor:
         self._stores = stores
         self._settings = settings
         self._watches: dict[str, Watch] = {}
+        self._missed = True  # the listener (re)subscribed: a cancel may have been published before
         self.wake = asyncio.Event()
         """Set when a job was submitted (and by the poll loop when one of ours ends): look at the queue now."""
 
@@ -106,8 +109,8 @@ class Supervisor:
                     self.stop(watch.job_id, FIRST_BYTE)
                 elif watch.last_event is not None and now - watch.last_event > idle:
                     self.stop(watch.job_id, IDLE)
-            if now - last_sweep >= SWEEP_S:
-                last_sweep = now
+            if self._missed or now - last_sweep >= SWEEP_S:
+                last_sweep, self._missed = now, False
                 await self._sweep()
 
     async def _sweep(self) -> None:
@@ -128,7 +131,7 @@ class Supervisor:
         while True:
             try:
                 async with self._stores.queue.notifications(queued=self._settings.wake_on_submit) as messages:
-                    delay = 0.05
+                    delay, self._missed = 0.05, True
                     while True:
                         message = await messages.next(timeout=5.0)
                         if message is None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from .. import jsonutil
 from ..errors import InvalidRequest
@@ -110,6 +110,17 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _varints(*values: int) -> bytes:
+    """The values as consecutive varints (a delta's header)."""
+    out = bytearray()
+    for value in values:
+        while value >= 0x80:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
 def _read_varint(data: bytes, position: int) -> tuple[int, int]:
     value = shift = 0
     while True:
@@ -121,27 +132,28 @@ def _read_varint(data: bytes, position: int) -> tuple[int, int]:
         shift += 7
 
 
+def _first_difference(a: bytes, b: bytes, order: Literal["big", "little"]) -> int:
+    """How many leading (``"big"``) or trailing (``"little"``) bytes two equally long strings share:
+    one XOR of the two as integers, whose bit length tells where they first differ (in C, ~1 µs for
+    200 bytes, where a binary search of slice comparisons costs several)."""
+    difference = int.from_bytes(a, order) ^ int.from_bytes(b, order)
+    return len(a) - (difference.bit_length() + 7) // 8
+
+
 def _shared_prefix(a: bytes, b: bytes, limit: int, hint: int) -> int:
     """Length of the common prefix of ``a`` and ``b``, at most ``limit``.
 
     ``hint`` is the last answer: chunks of one stream keep their shape, so it is usually right or a
-    byte or two short, and two comparisons settle it; otherwise a binary search of memcmps does.
+    byte or two short, and one comparison and a step or two settle it.
     """
     if hint <= limit and a[:hint] == b[:hint]:
         low = hint
         while low < limit and a[low] == b[low]:
             low += 1
+            if low - hint > 4:
+                return _first_difference(a[:limit], b[:limit], "big")
         return low
-    low, high = 0, min(hint, limit)  # a[:low] == b[:low] and a[:high] != b[:high]
-    if a[:high] == b[:high]:
-        return high
-    while high - low > 1:
-        middle = (low + high) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle
-    return low
+    return _first_difference(a[:limit], b[:limit], "big")
 
 
 def _shared_suffix(a: bytes, b: bytes, limit: int, hint: int) -> int:
@@ -151,24 +163,18 @@ def _shared_suffix(a: bytes, b: bytes, limit: int, hint: int) -> int:
         low = hint
         while low < limit and a[end_a - low - 1] == b[end_b - low - 1]:
             low += 1
+            if low - hint > 4:
+                return _first_difference(a[end_a - limit :], b[end_b - limit :], "little")
         return low
-    low, high = 0, min(hint, limit)
-    if a[end_a - high :] == b[end_b - high :]:
-        return high
-    while high - low > 1:
-        middle = (low + high) // 2
-        if a[end_a - middle :] == b[end_b - middle :]:
-            low = middle
-        else:
-            high = middle
-    return low
+    return _first_difference(a[end_a - limit :], b[end_b - limit :], "little")
 
 
-def _inner_match(ref_middle: bytes, middle: bytes) -> tuple[int, int, int] | None:
+def _inner_match(ref_middle: bytes, middle: bytes, hint: int) -> tuple[int, int, int] | None:
     """A run that the two middles share, found from the reference's first quote onwards.
 
     The content of a chunk ends at a quote, and what follows it (the rest of the choice, the next
-    keys) repeats: after prefix and suffix are taken, that run is what is left to save.
+    keys) repeats: after prefix and suffix are taken, that run is what is left to save. ``hint`` is
+    the run's last length, as for ``_shared_prefix``.
     """
     at_ref = ref_middle.find(b'"')
     if at_ref < 0 or len(ref_middle) - at_ref < INNER_ANCHOR:
@@ -178,7 +184,7 @@ def _inner_match(ref_middle: bytes, middle: bytes) -> tuple[int, int, int] | Non
         return None
     tail_ref, tail_chunk = ref_middle[at_ref + INNER_ANCHOR :], middle[at_chunk + INNER_ANCHOR :]
     limit = min(len(tail_ref), len(tail_chunk))
-    return at_ref, at_chunk, INNER_ANCHOR + _shared_prefix(tail_ref, tail_chunk, limit, limit)
+    return at_ref, at_chunk, INNER_ANCHOR + _shared_prefix(tail_ref, tail_chunk, limit, max(0, hint - INNER_ANCHOR))
 
 
 class DeltaEncoder:
@@ -192,6 +198,7 @@ class DeltaEncoder:
     """
 
     __slots__ = (
+        "_inner",
         "_kind",
         "_ms",
         "_prefix",
@@ -218,7 +225,7 @@ class DeltaEncoder:
         self._ms, self._seq = parse_id(started_id)
         self._ref = b""
         self._ref_seq = -1
-        self._prefix = self._suffix = 0
+        self._prefix = self._suffix = self._inner = 0
 
     def next_id(self) -> bytes:
         """The id of the next entry of this attempt."""
@@ -227,22 +234,23 @@ class DeltaEncoder:
 
     def delta(self, chunk: bytes) -> tuple[bytes, Fields]:
         """The id and fields of the next delta, whose upstream bytes are ``chunk``."""
-        entry_id = self.next_id()
+        self._seq += 1
+        entry_id = b"%d-%d" % (self._ms, self._seq)
         ref = self._ref
         if ref:
             limit = min(len(ref), len(chunk))
             prefix = self._prefix = _shared_prefix(ref, chunk, limit, self._prefix)
             suffix = self._suffix = _shared_suffix(ref, chunk, limit - prefix, self._suffix)
             middle = chunk[prefix : len(chunk) - suffix]
-            header = _varint(self._seq - self._ref_seq) + _varint(prefix) + _varint(suffix)
-            inner = _inner_match(ref[prefix : len(ref) - suffix], middle)
+            inner = _inner_match(ref[prefix : len(ref) - suffix], middle, self._inner)
             if inner is not None:
                 # Two holes: OpenAI's per-chunk `obfuscation` padding differs at the end as well.
                 at_ref, at_chunk, length = inner
-                header += _varint(at_ref) + _varint(at_chunk) + _varint(length)
+                self._inner = length
+                header = _varints(self._seq - self._ref_seq, prefix, suffix, at_ref, at_chunk, length)
                 payload = b"\x01" + header + middle[:at_chunk] + middle[at_chunk + length :]
             else:
-                payload = b"\x00" + header + middle
+                payload = b"\x00" + _varints(self._seq - self._ref_seq, prefix, suffix) + middle
             if len(payload) <= len(chunk) // 2:
                 return entry_id, {T: self._kind, D: payload}
         self._ref, self._ref_seq = chunk, self._seq
