@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -14,18 +15,23 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import redis
 
 from producer import FleetClient
+from shared.accumulate import delta_text
 from shared.models import CANCELLED, DONE, TERMINAL_TYPES, Event
+from shared.ports import free_port, port_open
 from shared.settings import Settings
 from shared.store import Unavailable, keys
 from simulator import expected_text
 from tests.cluster import LocalCluster, local_cluster
-from tests.conftest import Simulator, stop_process
+from tests.conftest import Simulator, stop_process, wait_until
 from tests.test_failures import chat, history
+from tests.test_gateway import parse_sse, read_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -65,7 +71,7 @@ async def test_workers_and_the_client_keep_job_streams_on_a_cluster(
     server, the cluster named by two seeds): 30 jobs over every primary, 10 tailed live, one cancelled;
     every job ends once with its whole text, and each tail saw its job's every event."""
     with local_cluster(tmp_path) as cluster:
-        async with fleet_on(cluster, simulator, redis_url, state_dir) as (fleet, workers):
+        async with fleet_on(cluster, simulator, redis_url, state_dir) as (fleet, workers, _):
             requests = [chat(f"on the cluster {i}", tokens=40, tps=40) for i in range(30)]
             ids = [await fleet.submit(request) for request in requests]
             assert {cluster.owner(keys.events(job_id)) for job_id in ids} == set(cluster.primaries)
@@ -90,39 +96,103 @@ async def test_workers_and_the_client_keep_job_streams_on_a_cluster(
         assert [worker.returncode for worker in workers] == [0, 0]  # drained and stopped cleanly
 
 
-def test_the_gateway_refuses_a_cluster_it_cannot_follow_yet(fleet_env: dict[str, str]) -> None:
-    env = {**os.environ, **fleet_env, "STREAMFLEET_STREAM_REDIS_URL": "redis+cluster://127.0.0.1:7000"}
-    done = subprocess.run(
-        [sys.executable, "-m", "producer.gateway", "--port", "0"], env=env, capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode == 2 and "Redis Cluster" in done.stderr.strip().splitlines()[-1], done.stderr
+async def test_the_gateway_streams_resumes_and_fans_out_jobs_on_a_cluster(
+    tmp_path: Path, simulator: Simulator, redis_url: str, state_dir: Path
+) -> None:
+    """The gateway's fan-in on a cluster (shared.store.live): 12 jobs over every primary, three SSE
+    subscribers each (live, joining mid-stream, after the end), a resume from the middle, and the OpenAI
+    streaming route; every stream holds its job's every event, and the gateway holds a connection per
+    primary per reader, not one per job."""
+    with local_cluster(tmp_path) as cluster:
+        async with fleet_on(cluster, simulator, redis_url, state_dir, gateway=True) as (fleet, _, gateway):
+            assert gateway is not None
+            async with httpx.AsyncClient(base_url=gateway, timeout=60) as client:
+                requests = [chat(f"gateway on the cluster {i}", tokens=30, tps=30) for i in range(12)]
+                jobs = [(await client.post("/v1/jobs", json={"request": r})).json()["id"] for r in requests]
+                assert {cluster.owner(keys.events(job_id)) for job_id in jobs} == set(cluster.primaries)
+
+                async def late(job_id: str) -> list[dict[str, Any]]:
+                    await asyncio.sleep(0.5)
+                    return await read_events(client, f"/v1/jobs/{job_id}/events")
+
+                live = [read_events(client, f"/v1/jobs/{job_id}/events") for job_id in jobs]
+                joining = [late(job_id) for job_id in jobs]
+                seen = await asyncio.wait_for(asyncio.gather(*live, *joining), timeout=60)
+                for i, (job_id, request) in enumerate(zip(jobs, requests, strict=True)):
+                    events = [event.id for event in await history(fleet, job_id)]
+                    assert [e["id"] for e in seen[i]] == events, job_id
+                    assert [e["id"] for e in seen[len(jobs) + i]] == events, job_id
+                    after = await read_events(client, f"/v1/jobs/{job_id}/events")
+                    assert after == seen[i]
+                    middle = seen[i][len(seen[i]) // 2]["id"]
+                    rest = await read_events(client, f"/v1/jobs/{job_id}/events", {"Last-Event-ID": middle})
+                    assert rest == seen[i][len(seen[i]) // 2 + 1 :]
+                    text = "".join(delta_text(json.loads(e["data"])["chunk"]) for e in seen[i] if e["event"] == "delta")
+                    assert text == expected_text(request) and seen[i][-1]["event"] == DONE
+
+                request = chat("openai route on the cluster", tokens=20, tps=40)
+                async with client.stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as answer:
+                    assert answer.status_code == 200
+                    chunks = [e for e in parse_sse((await answer.aread()).decode()) if e["data"] != "[DONE]"]
+                assert "".join(delta_text(json.loads(e["data"])) for e in chunks) == expected_text(request)
+
+            # Per primary, one connection per fan-out reader (4): the live channels of 12 jobs share them.
+            for port in cluster.primaries:
+                clients = cluster.client(port).client_list(_type="pubsub")
+                assert len(clients) <= 4, clients
 
 
 async def test_job_streams_on_a_cluster_survive_the_death_of_a_primary(
     tmp_path: Path, simulator: Simulator, redis_url: str, state_dir: Path
 ) -> None:
     """A primary that owns running jobs is SIGKILLed mid-stream: its replica takes over (node timeout 2 s),
-    the writers and the tailers wait it out, and every job ends once with its whole text, every tail with
-    its job's end."""
+    the writers, the tailers and the gateway's fan-in wait it out, and every job ends once with its whole
+    text, every tail and every SSE subscriber with its job's end."""
     with local_cluster(tmp_path) as cluster:
-        async with fleet_on(cluster, simulator, redis_url, state_dir) as (fleet, _):
+        async with fleet_on(cluster, simulator, redis_url, state_dir, gateway=True) as (fleet, _, gateway):
+            assert gateway is not None
             requests = [chat(f"through a failover {i}", tokens=80, tps=20) for i in range(20)]
             ids = [await fleet.submit(request) for request in requests]
 
             async def tail(job_id: str) -> list[str]:
                 return [event.id async for event in fleet.tail(job_id)]
 
+            streaming = [asyncio.Event() for _ in ids[8:16]]
+
+            async def sse(job_id: str, started: asyncio.Event) -> list[str]:
+                """The ids an SSE subscriber receives (it is streaming before the primary dies)."""
+                heard = []
+                async with (
+                    httpx.AsyncClient(base_url=gateway, timeout=90) as client,
+                    client.stream("GET", f"/v1/jobs/{job_id}/events") as response,
+                ):
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        if line.startswith("id: "):
+                            heard.append(line[4:])
+                            started.set()
+                return heard
+
             tails = [asyncio.create_task(tail(job_id)) for job_id in ids[:8]]
+            subscribers = [
+                asyncio.create_task(sse(job_id, started)) for job_id, started in zip(ids[8:16], streaming, strict=True)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(started.wait() for started in streaming)), timeout=30)
             async for event in fleet.tail(ids[0]):
                 if event.type == "delta":
                     break
-            victim = cluster.owner(keys.events(ids[0]))
+            # The primary of a tailed job and, when another is, of an SSE subscriber's job (a primary owns
+            # none of 8 random jobs 4 % of the time).
+            owners = [cluster.owner(keys.events(job_id)) for job_id in ids]
+            victim = max(set(owners[:8]) & set(owners[8:16]) or {owners[0]}, key=owners[8:16].count)
             cluster.processes[victim].send_signal(signal.SIGKILL)
             cluster.processes[victim].wait()
             ends = [await _wait(fleet, job_id) for job_id in ids]
             seen = await asyncio.wait_for(asyncio.gather(*tails), timeout=60)
+            heard = await asyncio.wait_for(asyncio.gather(*subscribers), timeout=60)
             on_victim = sum(cluster.owner(keys.events(job_id)) == victim for job_id in ids)
-            print(f"{on_victim} of {len(ids)} jobs lived on the killed primary")
+            heard_on_victim = sum(owner == victim for owner in owners[8:16])
+            print(f"{on_victim} of {len(ids)} jobs lived on the killed primary, {heard_on_victim} of them heard by SSE")
             for job_id, request, end in zip(ids, requests, ends, strict=True):
                 events = await history(fleet, job_id)
                 assert [event.type in TERMINAL_TYPES for event in events].count(True) == 1, job_id
@@ -130,6 +200,8 @@ async def test_job_streams_on_a_cluster_survive_the_death_of_a_primary(
                 assert (await fleet.result(job_id))["text"] == expected_text(request)
             for job_id, ids_seen in zip(ids[:8], seen, strict=True):
                 assert ids_seen[-1] == (await history(fleet, job_id))[-1].id
+            for job_id, ids_heard in zip(ids[8:16], heard, strict=True):  # the gateway's subscribers too
+                assert ids_heard[-1] == (await history(fleet, job_id))[-1].id
 
 
 async def _wait(fleet: FleetClient, job_id: str) -> Event:
@@ -145,10 +217,10 @@ async def _wait(fleet: FleetClient, job_id: str) -> Event:
 
 @contextlib.asynccontextmanager
 async def fleet_on(
-    cluster: LocalCluster, simulator: Simulator, redis_url: str, state_dir: Path
-) -> AsyncIterator[tuple[FleetClient, list[subprocess.Popen[bytes]]]]:
-    """Two workers and a client with the job streams on ``cluster`` (named by two seeds) and the queue on
-    ``redis_url``; the workers are stopped (SIGTERM) when the block ends."""
+    cluster: LocalCluster, simulator: Simulator, redis_url: str, state_dir: Path, *, gateway: bool = False
+) -> AsyncIterator[tuple[FleetClient, list[subprocess.Popen[bytes]], str | None]]:
+    """Two workers, a client and, with ``gateway``, a gateway (its URL), with the job streams on ``cluster``
+    (named by two seeds) and the queue on ``redis_url``; stopped (SIGTERM) when the block ends."""
     streams_url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in cluster.primaries[:2])
     env = {
         **os.environ,
@@ -159,10 +231,17 @@ async def fleet_on(
         "STREAMFLEET_WORKER_PROCESSES": "1",
     }
     workers = [subprocess.Popen([sys.executable, "-m", "worker"], env=env) for _ in range(2)]
+    processes = list(workers)
+    url = None
+    if gateway:
+        port = free_port()
+        processes.append(subprocess.Popen([sys.executable, "-m", "producer.gateway", "--port", str(port)], env=env))
+        wait_until(lambda: port_open(port), what="the gateway")
+        url = f"http://127.0.0.1:{port}"
     settings = Settings(redis_url=redis_url, stream_redis_url=streams_url, state_dir=state_dir)
     try:
         async with FleetClient(settings) as fleet:
-            yield fleet, workers
+            yield fleet, workers, url
     finally:
-        for worker in workers:
-            stop_process(worker)
+        for process in processes:
+            stop_process(process)

@@ -13,7 +13,6 @@ import uvicorn
 from shared import processes
 from shared.errors import ConfigurationError
 from shared.settings import Settings
-from shared.urls import is_cluster_url
 
 from .app import create_app
 from .limits import bounded_by
@@ -38,11 +37,6 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, work
         fan-out and loads ``producer.gateway.asgi``; ``/metrics`` adds up all of them.
     """
     workers = workers or settings.gateway_workers
-    if settings.stream_redis_url and is_cluster_url(settings.stream_redis_url):
-        raise ConfigurationError(
-            "the gateway cannot follow job streams on a Redis Cluster yet (its fan-in reads many streams in one "
-            "call, which a cluster refuses across slots); workers and the Python client can"
-        )
     if not settings.gateway_api_keys and not _is_loopback(host):
         raise ConfigurationError(
             f"refusing to bind {host} with no STREAMFLEET_GATEWAY_API_KEYS: anyone could read every job; "

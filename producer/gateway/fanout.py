@@ -327,7 +327,7 @@ class FanOut:
         try:
             if joined:
                 try:
-                    await self.streams.wake(reader.wake)
+                    await self.streams.wake(reader.wake, handle)
                 except StoreError as exc:  # Redis full or away: the reader's next read (<= BLOCK_MS) finds it
                     logger.debug("fan-out: no wake for job %s (%s)", job_id, exc)
             if parse_id(position) > subscriber.last:

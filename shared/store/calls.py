@@ -23,13 +23,15 @@ from redis.exceptions import NoScriptError, ResponseError
 
 
 class Lua:
-    """A script, by its source and its SHA-1 (what EVALSHA names it by)."""
+    """A script, by its source and its SHA-1 (what EVALSHA names it by); ``live``, the twin a Redis
+    Cluster runs (``shared.store.streams``)."""
 
-    __slots__ = ("sha", "source")
+    __slots__ = ("live", "sha", "source")
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, live: Lua | None = None) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest().encode()
+        self.live = live
 
 
 def resp(args: list[bytes]) -> bytes:

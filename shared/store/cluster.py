@@ -8,8 +8,9 @@ MOVED and ASK, and learns the slots again after a failover). What spans jobs is 
   cluster pipeline: one round trip per node per flush.
 - **the cancel sweep, last entries, existence checks**: pipelines, split per node the same way.
 - **the orphan sweep**: SCAN runs on every primary in turn.
-- **the gateway's fan-in** (one XREAD over every followed stream) is refused across slots by a
-  cluster: not built yet, so ``follow`` says so, and the gateway refuses to start on a cluster.
+- **the gateway's fan-in** (on one Redis, one XREAD over every followed stream) is refused across
+  slots by a cluster: here each script announces what it appends on the job's live channel, and a
+  reader listens per node and reads what was announced (``shared.store.live``).
 
 While a primary fails over, its slots answer CLUSTERDOWN or nothing: those errors count as Redis
 being unreachable (``Unavailable``), which the writer and the readers already wait out.
@@ -17,6 +18,8 @@ being unreachable (``Unavailable``), which the writer and the readers already wa
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
@@ -28,7 +31,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import keys
 from .calls import Lua
 from .codec import D, RawEntry, T, is_terminal
+from .live import Live
 from .streams import _APPEND, Appended, Batch, StreamStore, Wake
+
+_APPEND_LIVE = _APPEND.live or _APPEND
 
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError, RedisClusterException)
 """``stores.Unavailable``, which imports this module: on a cluster, also a slot whose primary is failing
@@ -43,6 +49,7 @@ class ClusterCalls:
         self._redis = redis
 
     async def run(self, script: Lua, *, keys: list[Any], args: list[Any]) -> Any:
+        script = script.live or script  # announcing what it appends, for the gateway (shared.store.live)
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
             return await self._redis.execute_command(*command)
@@ -73,7 +80,7 @@ class ClusterStreamStore(StreamStore):
                 for positions in pending:
                     argv = [part for p in positions for part in (batch[p][1], batch[p][2][T], batch[p][2][D])]
                     pipe.execute_command(
-                        "EVALSHA", _APPEND.sha, len(positions), *(stream_keys[p] for p in positions), *argv
+                        "EVALSHA", _APPEND_LIVE.sha, len(positions), *(stream_keys[p] for p in positions), *argv
                     )
                     size += sum(len(part) for part in argv)
                 replies = await pipe.execute(raise_on_error=False)
@@ -91,7 +98,7 @@ class ClusterStreamStore(StreamStore):
                 full += [positions[int(p) - 1] + 1 for p in group_full]
             if not unknown:
                 break
-            await self.redis.script_load(_APPEND.source)
+            await self.redis.script_load(_APPEND_LIVE.source)
             pending = unknown
         return Appended(sorted(refused), sorted(full), size)
 
@@ -132,7 +139,76 @@ class ClusterStreamStore(StreamStore):
             if last and not is_terminal(last[1])
         ]
 
+    def waker(self, gateway: str, index: int) -> Wake:
+        return Live(self.redis)  # type: ignore[arg-type]
+
+    async def wake(self, wake: Wake, handle: str) -> None:
+        assert isinstance(wake, Live)
+        wake.wake(handle)
+
+    async def drop_wakes(self, wakes: Iterable[Wake]) -> None:
+        for wake in wakes:
+            assert isinstance(wake, Live)
+            await wake.aclose()
+
     async def follow(
         self, cursors: dict[str, str], *, wake: Wake, count: int, block_ms: int | None
     ) -> list[tuple[str, list[RawEntry]]]:
-        raise NotImplementedError("the gateway's fan-in over a Redis Cluster is not built yet")
+        """The followed streams that have entries after their cursors, as ``StreamStore.follow``
+        answers, from announcements and reads (``shared.store.live``); with ``block_ms`` None, one read
+        of each of these streams, subscribing to nothing."""
+        if block_ms is None:
+            return await self._read(cursors, list(cursors), count, None)
+        live = wake
+        assert isinstance(live, Live)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + block_ms / 1000
+        live.woken = False
+        while True:
+            live.news.clear()
+            try:
+                await live.track(cursors)
+            except UNREACHABLE:
+                await self.redis.aclose()  # learn the slots' owners again before the next try
+                raise
+            due = live.take_due(cursors)
+            if due:
+                found = await self._read(cursors, due, count, live)
+                if live.woken:
+                    # A follow made during this read does not take what it returns (the gateway's
+                    # reader drops it, as it would on one Redis), and no announcement may come again:
+                    # read these once more in the next round, which the new follow is part of.
+                    live.due.update(due)
+                    return found
+                if found:
+                    return found
+            if live.woken:
+                return []
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            await live.wait(remaining)
+            if live.woken:
+                return []
+
+    async def _read(
+        self, cursors: dict[str, str], streams: list[str], count: int, live: Live | None
+    ) -> list[tuple[str, list[RawEntry]]]:
+        """One XREAD per stream from its cursor, in one pipeline (a round trip per node)."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    pipe.xread({stream: cursors[stream]}, count=count)
+                replies = await pipe.execute()
+        except BaseException:
+            if live is not None:
+                live.due.update(streams)  # still to be read
+            raise
+        found: list[tuple[str, list[RawEntry]]] = []
+        for stream, reply in zip(streams, replies, strict=True):
+            if reply:
+                entries = reply[0][1]
+                found.append((keys.job_of(reply[0][0]), entries))
+                if live is not None and len(entries) >= count:
+                    live.due.add(stream)  # there may be more than one read takes
+        return found

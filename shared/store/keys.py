@@ -81,6 +81,21 @@ def events(job_id: str) -> str:
     return f"sf:{{{job_id}}}:events:v{FORMAT}"
 
 
+LIVE_SUFFIX: Final = ":live"
+"""On a Redis Cluster, the sharded pub/sub channel ``events(job_id) + LIVE_SUFFIX`` (in the job's slot)
+announces each entry appended to the job's stream by its id (``shared.store.live``)."""
+
+
+def live_channel(stream: str) -> str:
+    """The live channel of a job's stream key."""
+    return stream + LIVE_SUFFIX
+
+
+def stream_of_channel(channel: str) -> str:
+    """The stream key a live channel announces."""
+    return channel.removesuffix(LIVE_SUFFIX)
+
+
 def cancel_flag(job_id: str) -> str:
     """Set when a cancel is requested, so a worker that starts the job late still sees it."""
     return f"sf:{{{job_id}}}:cancel"

@@ -29,6 +29,33 @@ from . import keys
 from .calls import Calls, Lua, resp, send_packed
 from .codec import D, Decoder, DeltaEncoder, Entry, Fields, Position, RawEntry, T, is_terminal
 
+# Scripts that end a job, or keep its end possible, are flagged allow-oom: a job's end is written even
+# when Redis is full (one small entry per job), so that every job ends. The flag must open the script.
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+
+# Every entry of a job's stream is appended by xadd(). On a Redis Cluster (``shared.store.live``) the
+# scripts' twins also announce each one, by its id, on the job's live channel (sharded pub/sub, in the
+# job's slot): the gateway's fan-in cannot XREAD across slots, so it listens there and reads what is
+# announced. On one Redis nobody listens, and the scripts skip it (it would add ~10 % to the Redis
+# CPU of a delta).
+_XADD = """
+local function xadd(...) return redis.call('XADD', ...) end
+"""
+_XADD_LIVE = """
+local function xadd(key, ...)
+  local id = redis.call('XADD', key, ...)
+  if id then redis.call('SPUBLISH', key .. 'LIVE_SUFFIX', id) end
+  return id
+end
+""".replace("LIVE_SUFFIX", keys.LIVE_SUFFIX)
+
+
+def _script(body: str, *, allow_oom: bool = False) -> Lua:
+    """A stream store script, and as its ``live`` twin the same announcing every entry it appends."""
+    head = _ALLOW_OOM if allow_oom else ""
+    return Lua(head + _XADD + body, live=Lua(head + _XADD_LIVE + body))
+
+
 # An entry comes back from XREVRANGE as {id, {"t", type, "d", data}}.
 _LAST_TYPE = """
 local function last_type(stream)
@@ -44,12 +71,12 @@ end
 # KEYS: events, tenant. ARGV: queued data, ttl s, tenant or "".
 _CREATE_BODY = """
 local function create()
-  redis.call('XADD', KEYS[1], '*', 't', 'queued', 'd', ARGV[1])
+  xadd(KEYS[1], '*', 't', 'queued', 'd', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2]) end
 end
 """
-_CREATE = Lua(
+_CREATE = _script(
     _CREATE_BODY
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -62,7 +89,7 @@ return 1
 # Returns {'started', attempt, id}, {'exhausted', attempt}, {'ended'} (terminal) or {'cancel'}.
 # A stream that is not there yet is created first: the worker may take a job before its submitter
 # has written `queued` (or the submitter died between its two steps).
-_START = Lua(
+_START = _script(
     _LAST_TYPE
     + _CREATE_BODY
     + """
@@ -78,60 +105,56 @@ local n = redis.call('INCR', KEYS[5])
 if ttl > 0 then redis.call('EXPIRE', KEYS[5], ttl) end
 if t ~= 'queued' and t ~= 'retry' then
   -- The previous attempt ended without a word (its worker was lost): void it before the next.
-  redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', 'retry', 'd', '{"attempt":' .. (n - 1) ..
+  xadd(KEYS[1], 'NOMKSTREAM', '*', 't', 'retry', 'd', '{"attempt":' .. (n - 1) ..
     ',"error":{"type":"worker_lost","message":"the attempt ended without a word: its worker was lost",' ..
     '"status":null,"upstream":null},"delay_s":0}')
 end
 if n > tonumber(ARGV[4]) then return {'exhausted', n} end
-local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', 'started', 'd', '{"attempt":' .. n .. '}')
+local id = xadd(KEYS[1], 'NOMKSTREAM', '*', 't', 'started', 'd', '{"attempt":' .. n .. '}')
 redis.call('SET', KEYS[4], id)
 if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
 return {'started', n, id}
 """
 )
 
-# Scripts that end a job, or keep its end possible, are flagged allow-oom: a job's end is written even
-# when Redis is full (one small entry per job), so that every job ends. The flag must open the script.
-_ALLOW_OOM = "#!lua flags=allow-oom\n"
-
 # KEYS: events, owner, attempts, tenant, cancel flag. ARGV: type, data, ttl s, the ending attempt's
 # started id or "", and to open a missing stream first: queued data or "", tenant or "", its ttl s.
 # Returns the entry id, or false when the stream is gone (and is not to be opened), has ended, or
 # belongs to another attempt. Every key of the job then lives as long as the stream.
-_END = Lua(
-    _ALLOW_OOM
-    + _LAST_TYPE
+_END = _script(
+    _LAST_TYPE
     + """
 local t = last_type(KEYS[1])
 if (not t) and ARGV[5] ~= '' then
-  redis.call('XADD', KEYS[1], '*', 't', 'queued', 'd', ARGV[5])
+  xadd(KEYS[1], '*', 't', 'queued', 'd', ARGV[5])
   if ARGV[6] ~= '' then redis.call('SET', KEYS[4], ARGV[6]) end
   t = 'queued'
 end
 if (not t) or is_terminal(t) then return false end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return false end
-local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', ARGV[1], 'd', ARGV[2])
+local id = xadd(KEYS[1], 'NOMKSTREAM', '*', 't', ARGV[1], 'd', ARGV[2])
 for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 return id
-"""
+""",
+    allow_oom=True,
 )
 
 # KEYS: events, cancel flag, tenant. ARGV: cancelled data, ttl s.
 # The flag tells a worker that starts the job late; a job no attempt has started ends here and now.
-_CANCEL = Lua(
-    _ALLOW_OOM
-    + _LAST_TYPE
+_CANCEL = _script(
+    _LAST_TYPE
     + """
 local t = last_type(KEYS[1])
 if not t then return 'unknown' end
 if is_terminal(t) then return 'ended' end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 if t ~= 'queued' then return 'signal' end
-redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', 'cancelled', 'd', ARGV[1])
+xadd(KEYS[1], 'NOMKSTREAM', '*', 't', 'cancelled', 'd', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 return 'cancelled'
-"""
+""",
+    allow_oom=True,
 )
 
 # KEYS: events, owner, cancel flag, attempts, tenant. ARGV: the owner seen before the job was requeued
@@ -139,9 +162,8 @@ return 'cancelled'
 # The stream half of giving a lost worker's job to another: only if that attempt still owns the job
 # (a new one may have started already), announce that it is void and take the right to end the job
 # from it; or, if a cancel was asked meanwhile, end the job.
-_VOID = Lua(
-    _ALLOW_OOM
-    + _LAST_TYPE
+_VOID = _script(
+    _LAST_TYPE
     + """
 local t = last_type(KEYS[1])
 if not t then return 'gone' end
@@ -149,20 +171,22 @@ if is_terminal(t) then return 'ended' end
 local owner = redis.call('GET', KEYS[2]) or ''
 if owner ~= ARGV[1] then return 'moved' end
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', 'cancelled', 'd', ARGV[3])
+  xadd(KEYS[1], 'NOMKSTREAM', '*', 't', 'cancelled', 'd', ARGV[3])
   for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
   return 'cancelled'
 end
 if owner == '' or owner == 'reclaimed' or t == 'queued' or t == 'retry' then return 'idle' end
 local n = redis.call('GET', KEYS[4]) or '0'
-redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 't', 'retry', 'd',
+xadd(KEYS[1], 'NOMKSTREAM', '*', 't', 'retry', 'd',
            '{"attempt":' .. n .. ',"error":' .. ARGV[2] .. ',"delay_s":0}')
 redis.call('SET', KEYS[2], 'reclaimed', 'KEEPTTL')
 return 'voided'
-"""
+""",
+    allow_oom=True,
 )
 
-_APPEND = Lua("""
+_APPEND = _script(
+    """
 -- KEYS: the stream of each entry. ARGV: id, type field, data field of each entry, in order.
 -- Appends every entry (NOMKSTREAM) and returns two lists of 1-based positions: those Redis refused
 -- (an id not above the stream's last one: a newer attempt, or the end, is there; or a stream that is
@@ -170,7 +194,7 @@ _APPEND = Lua("""
 local refused, full = {}, {}
 for i = 1, #KEYS do
   local at = (i - 1) * 3
-  local ok, id = pcall(redis.call, 'XADD', KEYS[i], 'NOMKSTREAM', ARGV[at + 1], 't', ARGV[at + 2], 'd', ARGV[at + 3])
+  local ok, id = pcall(xadd, KEYS[i], 'NOMKSTREAM', ARGV[at + 1], 't', ARGV[at + 2], 'd', ARGV[at + 3])
   if not ok and string.sub(tostring(id), 1, 3) == 'OOM' then
     full[#full + 1] = i
   elseif not ok or not id then
@@ -178,7 +202,8 @@ for i = 1, #KEYS do
   end
 end
 return {refused, full}
-""")
+"""
+)
 """One script call appends a whole batch of entries: one command and one reply, not one per entry."""
 
 Batch = list[tuple[DeltaEncoder, bytes, Fields]]
@@ -434,8 +459,8 @@ class StreamStore:
     def waker(self, gateway: str, index: int) -> Wake:
         return Wake(keys.wake(gateway, index))
 
-    async def wake(self, wake: Wake) -> None:
-        """Wake the reader blocked on ``wake``."""
+    async def wake(self, wake: Wake, handle: str) -> None:
+        """Wake the reader blocked on ``wake``: it now follows ``handle`` too."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(wake.key, {"w": "1"}, maxlen=1, approximate=False)
             pipe.expire(wake.key, WAKE_TTL_S)

@@ -1,0 +1,194 @@
+"""The gateway's fan-in on a Redis Cluster: announcements on sharded pub/sub, then reads.
+
+On one Redis, a gateway reader blocks in one XREAD over every stream it follows. A cluster refuses
+that across slots (CROSSSLOT), and every job has a slot of its own. So on a cluster, each script that
+appends to a job's stream also announces the entry's id on the job's live channel (SPUBLISH, in the
+job's slot: ``shared.store.streams``), and each gateway reader
+
+- holds one connection per primary, subscribed (SSUBSCRIBE) to the live channels of the streams it
+  follows whose slots that primary owns: its connections grow with the nodes, not with jobs or
+  subscribers;
+- marks a stream *due* when its channel announces an entry, and when its subscription is confirmed
+  (so what was appended before it is read too);
+- reads its due streams from their cursors, one XREAD each, in one pipeline per node per round.
+
+An announcement only says *when* to read: every read starts from the stream's cursor, where its
+subscribers are, so a lost announcement costs a delay, never an entry. A connection that fails (its
+primary died) loses its subscriptions: they are made again on the node that owns each slot then, and
+each confirmation marks its stream due, so what was appended meanwhile is read. A slot that moves
+(resharding) unsubscribes its channels (the server's ``sunsubscribe``): the same. A node that says
+nothing for ``PING_S`` is pinged; one that does not answer within another ``PING_S`` is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Collection
+from typing import Any
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
+
+from . import keys
+from .streams import Wake
+
+logger = logging.getLogger(__name__)
+
+PING_S = 5.0
+
+
+class Live(Wake):
+    """One gateway reader's subscriptions and due streams on a cluster; also its wake-up (``wake``).
+
+    :param cluster: the cluster client; its slot map says which node owns a channel.
+    """
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        super().__init__(key="")
+        self._cluster = cluster
+        self._nodes: dict[str, _NodeListener] = {}  # node name -> this reader's connection to it
+        self._on: dict[str, _NodeListener] = {}  # stream key -> the connection its channel is subscribed on
+        self.due: set[str] = set()
+        """Streams to read: something was announced, a subscription was just confirmed, or a follow
+        was just made (which may not be subscribed anew: its stream's last one went, and came back)."""
+        self.news = asyncio.Event()
+        self.woken = False
+        """A follow was made since the current read began (see ``ClusterStreamStore.follow``)."""
+
+    def wake(self, stream: str) -> None:
+        """A follow of ``stream`` was just made: read it, from its cursor, in the next round."""
+        self.due.add(stream)
+        self.woken = True
+        self.news.set()
+
+    def take_due(self, followed: Collection[str]) -> list[str]:
+        due = [stream for stream in self.due if stream in followed]
+        self.due.clear()
+        return due
+
+    async def wait(self, timeout: float) -> None:
+        """Until something is due or the reader is woken, at most ``timeout`` seconds."""
+        if not self.due:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.news.wait(), timeout)
+
+    async def track(self, followed: Collection[str]) -> None:
+        """Subscribe to the live channels of the followed streams that have none yet, on the node that
+        owns each, and unsubscribe from those no longer followed. A node that cannot be reached raises
+        (the reader waits and tries again)."""
+        gone: dict[_NodeListener, list[str]] = {}
+        for stream in [stream for stream in self._on if stream not in followed]:
+            gone.setdefault(self._on.pop(stream), []).append(stream)
+        for listener, streams in gone.items():
+            await listener.unsubscribe(streams)
+        new = [stream for stream in followed if stream not in self._on]
+        if not new:
+            return
+        await self._cluster.initialize()  # the slot map (learnt again after a failover)
+        by_node: dict[str, tuple[ClusterNode, list[str]]] = {}
+        for stream in new:
+            node = self._cluster.get_node_from_key(keys.live_channel(stream))
+            assert node is not None
+            by_node.setdefault(node.name, (node, []))[1].append(stream)
+        for name, (node, streams) in by_node.items():
+            listener = self._nodes.get(name) or _NodeListener(self, node)
+            if self._nodes.get(name) is not listener:
+                await listener.connect()
+                self._nodes[name] = listener
+            await listener.subscribe(streams)
+            for stream in streams:
+                self._on[stream] = listener
+
+    def announced(self, stream: str) -> None:
+        self.due.add(stream)
+        self.news.set()
+
+    def lost(self, listener: _NodeListener, stream: str | None = None) -> None:
+        """A subscription ended without our asking (``stream``: its slot moved), or a whole connection:
+        subscribe again, wherever the slot is now, at the next round."""
+        streams = [stream] if stream is not None else list(listener.streams)
+        for lost in streams:
+            listener.streams.discard(lost)
+            if self._on.get(lost) is listener:
+                del self._on[lost]
+        if stream is None and self._nodes.get(listener.name) is listener:
+            del self._nodes[listener.name]
+        self.news.set()
+
+    async def aclose(self) -> None:
+        for listener in list(self._nodes.values()):
+            await listener.aclose()
+        self._nodes.clear()
+        self._on.clear()
+
+
+class _NodeListener:
+    """One reader's connection to one node, in subscribe mode: what it hears marks streams due."""
+
+    def __init__(self, live: Live, node: ClusterNode) -> None:
+        self._live = live
+        self.name = node.name
+        self.streams: set[str] = set()
+        """The streams whose channels are subscribed here, or being subscribed."""
+        self._leaving: set[str] = set()
+        self._connection: AbstractConnection = node.connection_class(**node.connection_kwargs)
+        self._task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        await self._connection.connect()  # type: ignore[no-untyped-call]
+        self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def subscribe(self, streams: list[str]) -> None:
+        self.streams.update(streams)
+        self._leaving.difference_update(streams)
+        await self._send("SSUBSCRIBE", streams)
+
+    async def unsubscribe(self, streams: list[str]) -> None:
+        self.streams.difference_update(streams)
+        self._leaving.update(streams)
+        await self._send("SUNSUBSCRIBE", streams)
+
+    async def _send(self, command: str, streams: list[str]) -> None:
+        """One command per channel (a cluster refuses channels of several slots in one), one write."""
+        commands = [(command, keys.live_channel(stream)) for stream in streams]
+        await self._connection.send_packed_command(self._connection.pack_commands(commands), check_health=False)
+
+    async def _listen(self) -> None:
+        live, pinged = self._live, False
+        try:
+            while True:
+                reply: Any = await self._connection.read_response(timeout=PING_S, disconnect_on_error=False)
+                if reply is None:  # nothing for PING_S: is the node still there?
+                    if pinged:
+                        raise ConnectionError(f"node {self.name} did not answer a ping for {PING_S:g} s")
+                    await self._connection.send_command("PING")
+                    pinged = True
+                    continue
+                pinged = False
+                kind = reply[0]
+                if kind in (b"smessage", b"ssubscribe"):  # an entry; or subscribed: read what came before
+                    stream = keys.stream_of_channel(reply[1].decode())
+                    if stream in self.streams:
+                        live.announced(stream)
+                elif kind == b"sunsubscribe":
+                    stream = keys.stream_of_channel(reply[1].decode())
+                    if stream in self._leaving:
+                        self._leaving.discard(stream)
+                    elif stream in self.streams:  # its slot moved to another node
+                        live.lost(self, stream)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("live channels on %s lost (%s); subscribing again", self.name, exc)
+            live.lost(self)
+        finally:
+            await self._connection.disconnect(nowait=True)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._connection.disconnect(nowait=True)
