@@ -23,14 +23,14 @@ import redis
 
 from producer import FleetClient
 from shared.accumulate import delta_text
-from shared.models import CANCELLED, DONE, TERMINAL_TYPES, Event
+from shared.models import CANCELLED, DONE, RETRY, TERMINAL_TYPES, Event
 from shared.ports import free_port, port_open
 from shared.settings import Settings
 from shared.store import Unavailable, keys
 from simulator import expected_text
 from tests.cluster import LocalCluster, local_cluster
 from tests.conftest import Simulator, stop_process, wait_until
-from tests.test_failures import chat, history
+from tests.test_failures import FAST, chat, check_history, history, visible_text
 from tests.test_gateway import parse_sse, read_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -142,6 +142,39 @@ async def test_the_gateway_streams_resumes_and_fans_out_jobs_on_a_cluster(
                 assert len(clients) <= 4, clients
 
 
+async def test_retries_and_a_killed_worker_on_a_cluster(
+    tmp_path: Path, simulator: Simulator, redis_url: str, state_dir: Path
+) -> None:
+    """The recovery paths on a cluster: 12 streams cut mid-body once (retried, no doubled text) and a
+    worker SIGKILLed under 12 more (their leases lapse, the other worker voids the lost attempts and runs
+    them again): every job ends once, with its whole text as a reader keeps it, over every primary."""
+    with local_cluster(tmp_path) as cluster:
+        async with fleet_on(cluster, simulator, redis_url, state_dir, extra_env=FAST) as (fleet, workers, _):
+            cut = [
+                chat(f"cut once on the cluster {i}", tokens=30, fault="drop", fault_after=8, fault_times=1)
+                for i in range(12)
+            ]
+            slow = [chat(f"outlives its worker {i}", tokens=60, tps=20) for i in range(12)]
+            ids = [await fleet.submit(request) for request in cut + slow]
+            assert {cluster.owner(keys.events(job_id)) for job_id in ids} == set(cluster.primaries)
+            async for event in fleet.tail(ids[-1]):
+                if event.type == "delta":
+                    break
+            workers[0].send_signal(signal.SIGKILL)
+            workers[0].wait()
+            ends = [await fleet.wait(job_id, timeout=60) for job_id in ids]
+            lost = 0
+            for i, (job_id, request, end) in enumerate(zip(ids, cut + slow, ends, strict=True)):
+                events = await history(fleet, job_id)
+                check_history(events)
+                assert end.type == DONE, (job_id, end)
+                assert visible_text(events) == expected_text(request) == end.data["result"]["text"]
+                assert i >= len(cut) or RETRY in {e.type for e in events}, job_id  # each cut was retried
+                lost += any(e.type == RETRY and e.data["error"]["type"] == "worker_lost" for e in events)
+            print(f"{lost} jobs ran again after their worker was killed")
+            assert lost >= 1
+
+
 async def test_job_streams_on_a_cluster_survive_the_death_of_a_primary(
     tmp_path: Path, simulator: Simulator, redis_url: str, state_dir: Path
 ) -> None:
@@ -217,7 +250,13 @@ async def _wait(fleet: FleetClient, job_id: str) -> Event:
 
 @contextlib.asynccontextmanager
 async def fleet_on(
-    cluster: LocalCluster, simulator: Simulator, redis_url: str, state_dir: Path, *, gateway: bool = False
+    cluster: LocalCluster,
+    simulator: Simulator,
+    redis_url: str,
+    state_dir: Path,
+    *,
+    gateway: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> AsyncIterator[tuple[FleetClient, list[subprocess.Popen[bytes]], str | None]]:
     """Two workers, a client and, with ``gateway``, a gateway (its URL), with the job streams on ``cluster``
     (named by two seeds) and the queue on ``redis_url``; stopped (SIGTERM) when the block ends."""
@@ -229,6 +268,7 @@ async def fleet_on(
         "STREAMFLEET_UPSTREAM_BASE_URL": simulator.base_url,
         "STREAMFLEET_STATE_DIR": str(state_dir),
         "STREAMFLEET_WORKER_PROCESSES": "1",
+        **(extra_env or {}),
     }
     workers = [subprocess.Popen([sys.executable, "-m", "worker"], env=env) for _ in range(2)]
     processes = list(workers)
