@@ -34,9 +34,9 @@ RAMP_MS = 9000
 ONE_JOB_SUBSCRIBERS = int(os.environ.get("STREAMFLEET_BENCH_ONE_JOB_SUBSCRIBERS", "2000"))
 
 
-async def _submit(url: str, count: int, simulator: dict[str, int]) -> list[str]:
+async def _submit(url: str, stream_url: str | None, count: int, simulator: dict[str, int]) -> list[str]:
     request = {"model": "bench", "messages": [{"role": "user", "content": "fan out"}]}
-    async with FleetClient(Settings(redis_url=url)) as fleet:
+    async with FleetClient(Settings(redis_url=url, stream_redis_url=stream_url)) as fleet:
         return [
             await fleet.submit(
                 # Lengths vary, so the jobs do not all end in the same instant.
@@ -54,13 +54,17 @@ async def _submit(url: str, count: int, simulator: dict[str, int]) -> list[str]:
         ]
 
 
-def _gateway_connections(url: str) -> int:
-    client = redis.Redis.from_url(url)
-    try:
-        clients: list[dict[str, Any]] = client.client_list()  # type: ignore[assignment]
-        return len([entry for entry in clients if entry.get("name") == "streamfleet-gateway"])
-    finally:
-        client.close()
+def _gateway_connections(urls: list[str]) -> int:
+    """The gateway's connections to these servers (its queue's, its stream store's primaries)."""
+    count = 0
+    for url in urls:
+        client = redis.Redis.from_url(url)
+        try:
+            clients: list[dict[str, Any]] = client.client_list()  # type: ignore[assignment]
+            count += len([entry for entry in clients if entry.get("name") == "streamfleet-gateway"])
+        finally:
+            client.close()
+    return count
 
 
 def _cpu_s(pid: int) -> float:
@@ -78,9 +82,21 @@ def _frames_sent(port: int) -> float:
 SENT = "streamfleet_gateway_events_sent_total"
 
 
-def _phase(url: str, port: int, gateway_pid: int, jobs: int, per_job: int, **simulator: int) -> dict[str, Any]:
+def phase(
+    url: str,
+    port: int,
+    gateway_pid: int,
+    jobs: int,
+    per_job: int,
+    *,
+    cluster: list[str] | None = None,
+    **simulator: int,
+) -> dict[str, Any]:
+    """Subscribers in client processes on ``jobs`` jobs, ``per_job`` each; ``cluster``: the URLs of
+    the stream store's primaries, when it is a cluster (the first is its seed)."""
     ttft_ms = simulator["ttft_ms"]
-    job_ids = asyncio.run(_submit(url, jobs, simulator))
+    stream_url = "redis+cluster://" + cluster[0].removeprefix("redis://").split("/")[0] if cluster else None
+    job_ids = asyncio.run(_submit(url, stream_url, jobs, simulator))
     shares = [job_ids[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)] if jobs > 1 else []
     if jobs == 1:  # one job: its subscribers split over the client processes
         per_job = -(-per_job // CLIENT_PROCESSES)
@@ -101,7 +117,7 @@ def _phase(url: str, port: int, gateway_pid: int, jobs: int, per_job: int, **sim
         client.stdin.write(orjson.dumps({"host": "127.0.0.1", "port": port, "jobs": share, "per_job": per_job}))
         client.stdin.close()
     time.sleep(ttft_ms / 1000 + 1)  # every subscriber is connected and tokens flow
-    connections = _gateway_connections(url)
+    connections = _gateway_connections([url, *(cluster or [])])
     # From here on the gateway only streams: its CPU per frame over this window is like for like with
     # the readers', which is counted from their first event on (their connecting excluded).
     streaming_cpu, streaming_sent = _cpu_s(gateway_pid), _frames_sent(port)
@@ -143,13 +159,13 @@ def run() -> list[dict[str, Any]]:
         started.append(gateway)
         wait_for_port(simulator_port)
         wait_for_port(gateway_port)
-        spread = {"tokens": TOKENS, "tps": TPS}
-        baseline = _phase(url, gateway_port, gateway.pid, JOBS, 1, ttft_ms=1000, **spread)
-        load = _phase(url, gateway_port, gateway.pid, JOBS, max(1, SUBSCRIBERS // JOBS), ttft_ms=RAMP_MS, **spread)
-        one = _phase(url, gateway_port, gateway.pid, 1, ONE_JOB_SUBSCRIBERS, ttft_ms=RAMP_MS, tokens=200, tps=20)
+        baseline = phase(url, gateway_port, gateway.pid, JOBS, 1, ttft_ms=1000, tokens=TOKENS, tps=TPS)
+        per_job = max(1, SUBSCRIBERS // JOBS)
+        load = phase(url, gateway_port, gateway.pid, JOBS, per_job, ttft_ms=RAMP_MS, tokens=TOKENS, tps=TPS)
+        one = phase(url, gateway_port, gateway.pid, 1, ONE_JOB_SUBSCRIBERS, ttft_ms=RAMP_MS, tokens=200, tps=20)
     floor_us = send_floor.measure()
     rows = []
-    for case, phase, goal in (
+    for case, measured, goal in (
         (f"{load['subscribers']} subscribers on {JOBS} jobs, {TPS} tokens/s each", load, "a handful of connections"),
         (f"{one['subscribers']} subscribers on one job, 20 tokens/s", one, "p99 <= 250 ms, CPU <= 0.35x a reader"),
     ):
@@ -157,30 +173,30 @@ def run() -> list[dict[str, Any]]:
             {
                 "scenario": "gateway fan-out, one process: delivery latency p50 (simulator send to SSE receipt)",
                 "case": case,
-                "fleet_ms": phase["p50"],
+                "fleet_ms": measured["p50"],
                 "baseline_ms": baseline["p50"],
-                "ratio": round(phase["p50"] / baseline["p50"], 2) if baseline["p50"] else None,
+                "ratio": round(measured["p50"] / baseline["p50"], 2) if baseline["p50"] else None,
                 "goal": goal,
-                "p99_ms": phase["p99"],
+                "p99_ms": measured["p99"],
                 "baseline_p99_ms": baseline["p99"],
-                "max_ms": phase["max"],
-                "events_delivered": phase["events"],
-                "failed_subscribers": phase["failed"],
-                "errors": phase["errors"] + baseline["errors"],
-                "gateway_redis_connections": phase["redis_connections"],
+                "max_ms": measured["max"],
+                "events_delivered": measured["events"],
+                "failed_subscribers": measured["failed"],
+                "errors": measured["errors"] + baseline["errors"],
+                "gateway_redis_connections": measured["redis_connections"],
                 "baseline_subscribers": baseline["subscribers"],
-                "gateway_cpu_us_per_frame": phase["gateway_cpu_us_per_frame"],
-                "reader_cpu_us_per_event": phase["reader_cpu_us_per_event"],
+                "gateway_cpu_us_per_frame": measured["gateway_cpu_us_per_frame"],
+                "reader_cpu_us_per_event": measured["reader_cpu_us_per_event"],
                 "gateway_cpu_ratio": (
-                    round(phase["gateway_cpu_us_per_frame"] / phase["reader_cpu_us_per_event"], 2)
-                    if phase["reader_cpu_us_per_event"]
+                    round(measured["gateway_cpu_us_per_frame"] / measured["reader_cpu_us_per_event"], 2)
+                    if measured["reader_cpu_us_per_event"]
                     else None
                 ),
                 # Streaming only (every subscriber connected), like for like with the readers' figure.
-                "gateway_streaming_cpu_us_per_frame": phase["gateway_streaming_cpu_us_per_frame"],
+                "gateway_streaming_cpu_us_per_frame": measured["gateway_streaming_cpu_us_per_frame"],
                 "gateway_streaming_cpu_ratio": (
-                    round(phase["gateway_streaming_cpu_us_per_frame"] / phase["reader_cpu_us_per_event"], 2)
-                    if phase["reader_cpu_us_per_event"]
+                    round(measured["gateway_streaming_cpu_us_per_frame"] / measured["reader_cpu_us_per_event"], 2)
+                    if measured["reader_cpu_us_per_event"]
                     else None
                 ),
                 # One send() of a frame to a waiting reader, from plain Python: no fan-out costs less.

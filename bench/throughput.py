@@ -29,15 +29,16 @@ JOBS = 20
 CHUNKS = 5000
 
 
-def _recording(directory: Path) -> str:
-    body = b"".join(b"data: " + chunk + b"\n\n" for chunk in text_chunks(CHUNKS, obfuscation=True))
+def recording(directory: Path, chunks: int = CHUNKS) -> str:
+    """A long OpenAI-style recording in ``directory`` for the simulator to replay; its name."""
+    body = b"".join(b"data: " + chunk + b"\n\n" for chunk in text_chunks(chunks, obfuscation=True))
     (directory / "long.sse").write_bytes(body + b"data: [DONE]\n\n")
     return "long.sse"
 
 
-async def _fleet(url: str, recording: str) -> tuple[float, int]:
+async def _fleet(url: str, name: str) -> tuple[float, int]:
     async with FleetClient(Settings(redis_url=url)) as fleet:
-        request = {"model": "bench", "simulator": {"replay": recording}}
+        request = {"model": "bench", "simulator": {"replay": name}}
         started = time.time()
         ids = [await fleet.submit({**request, "messages": [{"role": "user", "content": str(i)}]}) for i in range(JOBS)]
         elapsed = await wait_all_ended(fleet.stores.streams, ids) - started
@@ -62,7 +63,7 @@ def _redis_benchmark(url: str) -> float | None:
 
 def run() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as directory, redis_server() as url, processes() as started:
-        recording = _recording(Path(directory))
+        name = recording(Path(directory))
         port = free_port()
         base = f"http://127.0.0.1:{port}/v1"
         env = {"STREAMFLEET_REDIS_URL": url, "STREAMFLEET_UPSTREAM_BASE_URL": base}
@@ -70,10 +71,10 @@ def run() -> list[dict[str, Any]]:
         started.append(spawn(["-m", "worker"], env))
         wait_for_port(port)
         time.sleep(1.5)
-        elapsed, stored = asyncio.run(_fleet(url, recording))
+        elapsed, stored = asyncio.run(_fleet(url, name))
         naive = orjson.loads(
             subprocess.run(
-                [sys.executable, "-m", "bench.naive_worker", url, base, recording, str(JOBS)],
+                [sys.executable, "-m", "bench.naive_worker", url, base, name, str(JOBS)],
                 capture_output=True,
                 check=True,
                 timeout=600,

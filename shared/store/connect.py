@@ -3,6 +3,8 @@ every process."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
@@ -100,13 +102,18 @@ class _SeededCluster(RedisCluster):
     primary's death fails the commands in flight on the others too: under concurrent readers that left
     no node to learn from, for good ("Redis Cluster cannot be connected")."""
 
-    def __init__(self, seeds: list[tuple[str, int]], **options: Any) -> None:
+    def __init__(self, seeds: list[tuple[str, int]], *, max_in_flight: int | None = None, **options: Any) -> None:
         super().__init__(startup_nodes=[ClusterNode(host, port) for host, port in seeds], **options)
         self._seeds = seeds
+        # redis-py's cluster opens a connection per concurrent command and, at its bound, raises
+        # instead of waiting: a bound on commands in flight (pipelines aside: the gateway's readers
+        # and sweeps, a few) bounds the connections per node, and waits.
+        self.in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else contextlib.nullcontext()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await super().execute_command(*args, **kwargs)
+            async with self.in_flight:
+                return await super().execute_command(*args, **kwargs)
         except (RuntimeError, AttributeError) as exc:
             raise await self._closed_under(exc) from exc
 
@@ -137,19 +144,24 @@ class _ClosedAware(ClusterPipeline):
     """A cluster pipeline that reports a connection closed under it as ``_SeededCluster`` does."""
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
-        try:
+        assert isinstance(self._client, _SeededCluster)
+        try:  # not bounded by in_flight: a redirected command of it goes through execute_command
             return await super().execute(raise_on_error, allow_redirections)
         except (RuntimeError, AttributeError) as exc:
-            assert isinstance(self._client, _SeededCluster)
             raise await self._client._closed_under(exc) from exc
 
 
-def connect_cluster(url: str, *, name: str | None = None) -> RedisCluster:
+def connect_cluster(url: str, *, max_connections: int | None = None, name: str | None = None) -> RedisCluster:
     """A ``redis.asyncio.RedisCluster`` from a cluster URL's seed nodes (``shared.urls``): it learns the
-    slots' owners from them, follows MOVED and ASK, and learns them again after a failover."""
+    slots' owners from them, follows MOVED and ASK, and learns them again after a failover.
+
+    :param max_connections: a bound on commands in flight, so on the connections to each node: past
+        it, a command waits.
+    """
     target = cluster_url(url)
     cluster: RedisCluster = _SeededCluster(  # type: ignore[abstract]
         target.nodes,
+        max_in_flight=max_connections,
         username=target.username,
         password=target.password,
         ssl=target.tls,

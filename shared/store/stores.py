@@ -86,7 +86,7 @@ async def open_stores(settings: Settings, *, name: str, max_connections: int | N
     stream_url = await asyncio.to_thread(connect.stream_url, settings)
     queue_client = queue.connect(connect.pool(queue_url, max_connections=max_connections, name=name))
     if is_cluster_url(stream_url):
-        cluster = connect.connect_cluster(stream_url, name=name)
+        cluster = connect.connect_cluster(stream_url, max_connections=max_connections, name=name)
         return Stores(QueueStore(queue_client), ClusterStreamStore(cluster, ttl_seconds=settings.stream_ttl_seconds))
     stream_client = (
         queue_client
