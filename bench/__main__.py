@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import cluster, gateway, jobs, memory, parse, streams, throughput, ttft
+from . import cluster, fanin, gateway, jobs, memory, parse, streams, throughput, ttft
 from .common import write_results
 
 SCENARIOS: dict[str, Callable[[], list[dict[str, Any]]]] = {
@@ -21,6 +21,7 @@ SCENARIOS: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "parse": parse.run,
     "gateway": gateway.run,
     "cluster": cluster.run,
+    "fanin": fanin.run,
 }
 
 

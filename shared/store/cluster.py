@@ -158,7 +158,7 @@ class ClusterStreamStore(StreamStore):
         answers, from announcements and reads (``shared.store.live``); with ``block_ms`` None, one read
         of each of these streams, subscribing to nothing."""
         if block_ms is None:
-            return await self._read(cursors, list(cursors), count, None)
+            return await self._read(cursors, list(cursors), count)
         live = wake
         assert isinstance(live, Live)
         loop = asyncio.get_running_loop()
@@ -166,24 +166,23 @@ class ClusterStreamStore(StreamStore):
         live.woken = False
         while True:
             live.news.clear()
+            due: list[str] = []
             try:
                 await live.track(cursors)
+                due = live.take_due(cursors)
+                found = await live.read(cursors, due, count) if due else []
             except UNREACHABLE:
+                live.due.update(due)  # still to be read
                 await self.redis.aclose()  # learn the slots' owners again before the next try
                 raise
-            due = live.take_due(cursors)
-            if due:
-                found = await self._read(cursors, due, count, live)
-                if live.woken:
-                    # A follow made during this read does not take what it returns (the gateway's
-                    # reader drops it, as it would on one Redis), and no announcement may come again:
-                    # read these once more in the next round, which the new follow is part of.
-                    live.due.update(due)
-                    return found
-                if found:
-                    return found
             if live.woken:
-                return []
+                # A follow made during this read does not take what it returns (the gateway's reader
+                # drops it, as it would on one Redis), and no announcement may come again: read these
+                # once more in the next round, which the new follow is part of.
+                live.due.update(due)
+                return found
+            if found:
+                return found
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
@@ -191,24 +190,11 @@ class ClusterStreamStore(StreamStore):
             if live.woken:
                 return []
 
-    async def _read(
-        self, cursors: dict[str, str], streams: list[str], count: int, live: Live | None
-    ) -> list[tuple[str, list[RawEntry]]]:
-        """One XREAD per stream from its cursor, in one pipeline (a round trip per node)."""
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream in streams:
-                    pipe.xread({stream: cursors[stream]}, count=count)
-                replies = await pipe.execute()
-        except BaseException:
-            if live is not None:
-                live.due.update(streams)  # still to be read
-            raise
-        found: list[tuple[str, list[RawEntry]]] = []
-        for stream, reply in zip(streams, replies, strict=True):
-            if reply:
-                entries = reply[0][1]
-                found.append((keys.job_of(reply[0][0]), entries))
-                if live is not None and len(entries) >= count:
-                    live.due.add(stream)  # there may be more than one read takes
-        return found
+    async def _read(self, cursors: dict[str, str], streams: list[str], count: int) -> list[tuple[str, list[RawEntry]]]:
+        """One XREAD per stream from its cursor, through redis-py's cluster pipeline (for the reader's
+        isolating reads after a failed one; ``Live.read`` is the fast path)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xread({stream: cursors[stream]}, count=count)
+            replies = await pipe.execute()
+        return [(keys.job_of(reply[0][0]), reply[0][1]) for reply in replies if reply]
