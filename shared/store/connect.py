@@ -96,6 +96,10 @@ def connect(url: str, *, max_connections: int | None = None, name: str | None = 
     return Redis.from_pool(pool(url, max_connections=max_connections, name=name))
 
 
+def _bound(limit: int | None) -> asyncio.Semaphore | contextlib.nullcontext[None]:
+    return asyncio.Semaphore(limit) if limit else contextlib.nullcontext()
+
+
 class _SeededCluster(RedisCluster):
     """``RedisCluster`` that keeps its seed nodes: redis-py forgets a node whose command failed from the
     nodes it learns the cluster from, and a failed command closes every node's connections, so one
@@ -106,9 +110,10 @@ class _SeededCluster(RedisCluster):
         super().__init__(startup_nodes=[ClusterNode(host, port) for host, port in seeds], **options)
         self._seeds = seeds
         # redis-py's cluster opens a connection per concurrent command and, at its bound, raises
-        # instead of waiting: a bound on commands in flight (pipelines aside: the gateway's readers
-        # and sweeps, a few) bounds the connections per node, and waits.
-        self.in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else contextlib.nullcontext()
+        # instead of waiting: bounds on commands and on pipelines in flight (two, since a pipeline's
+        # redirected command runs as a command) bound the connections per node, and wait.
+        self.in_flight = _bound(max_in_flight)
+        self.pipelines_in_flight = _bound(max_in_flight)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -145,8 +150,9 @@ class _ClosedAware(ClusterPipeline):
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         assert isinstance(self._client, _SeededCluster)
-        try:  # not bounded by in_flight: a redirected command of it goes through execute_command
-            return await super().execute(raise_on_error, allow_redirections)
+        try:
+            async with self._client.pipelines_in_flight:
+                return await super().execute(raise_on_error, allow_redirections)
         except (RuntimeError, AttributeError) as exc:
             raise await self._client._closed_under(exc) from exc
 
