@@ -66,7 +66,7 @@ def test_compose_runs_a_durable_redis_two_workers_and_health_checks_everywhere()
     assert services["worker"]["deploy"]["replicas"] >= 2
     grace = int(services["worker"]["stop_grace_period"].rstrip("s"))
     assert grace >= Settings.model_fields["shutdown_grace_seconds"].default + 5
-    assert all("healthcheck" in service for service in services.values())
+    assert all("healthcheck" in service for service in services.values() if service.get("restart") != "no")
     assert not any("UPSTREAM_API_KEY" in str(service.get("environment")) for service in services.values())
 
 
@@ -312,8 +312,12 @@ def test_external_redis_component_runs_the_fleet_on_an_operators_sentinel(tmp_pa
         container = by_kind(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
         assert redis_url_from_secret(container), name
     documented = (ROOT / "k8s" / "components" / "external-redis" / "kustomization.yaml").read_text()
-    for url in re.findall(r"STREAMFLEET_REDIS_URL=(\S+)", documented):
+    for url in re.findall(r"(?<!STREAM)_REDIS_URL=(\S+)", documented):
         Settings(redis_url=url.replace("$PW", "secret"))  # the documented URLs are ones the fleet takes
+    streams = re.findall(r"STREAMFLEET_STREAM_REDIS_URL=(\S+)", documented)
+    assert len(streams) == 2
+    for url in streams:
+        assert Settings(stream_redis_url=url.replace("$PW", "secret")).stream_redis_url
 
 
 def test_compose_sentinel_profile_configures_sentinels_the_binary_accepts(tmp_path: Path, redis_url: str) -> None:
@@ -340,3 +344,39 @@ def test_compose_sentinel_profile_configures_sentinels_the_binary_accepts(tmp_pa
     finally:
         stop_process(sentinel)
     Settings(redis_url="redis+sentinel://sentinel:26379/streamfleet")  # the URL the file tells you to set
+
+
+def test_compose_cluster_profile_runs_cluster_nodes_the_binary_accepts(tmp_path: Path) -> None:
+    """The profile's three nodes, with their command as the compose file writes it, are run here by the
+    embedded binary: each is a cluster node; the init joins all three; the documented URL is one the
+    fleet takes for its job streams."""
+    services = compose()["services"]
+    nodes = ["redis-cluster-1", "redis-cluster-2", "redis-cluster-3"]
+    assert all(services[node]["profiles"] == ["cluster"] for node in nodes + ["redis-cluster-init"])
+    script = services["redis-cluster-init"]["command"][2]
+    assert "--cluster create" in script and "--cluster-replicas 0" in script
+    assert all(node in script for node in nodes)
+    processes = []
+    try:
+        ports = []
+        for node in nodes:
+            args = [arg.replace("${STREAMFLEET_REDIS_MAXMEMORY:-1gb}", "64mb") for arg in services[node]["command"][1:]]
+            args = [arg.replace("/data/nodes.conf", str(tmp_path / f"{node}.conf")) for arg in args]
+            port = free_port()
+            ports.append(port)
+            (tmp_path / node).mkdir()
+            bus = ["--cluster-port", str(free_port())]  # not port + 10000, which may pass 65535
+            command = [*server_command(port, tmp_path / node), *args, *bus]
+            processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_until(lambda: all(port_open(port) for port in ports), what="the cluster nodes")
+        for port in ports:
+            client = redis.Redis(port=port, decode_responses=True)
+            assert client.info("cluster")["cluster_enabled"] == 1
+            assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+            client.close()
+    finally:
+        for process in processes:
+            stop_process(process)
+    header = (ROOT / "docker-compose.yml").read_text()
+    url = re.search(r"STREAMFLEET_STREAM_REDIS_URL=(\S+)", header)
+    assert url is not None and Settings(stream_redis_url=url.group(1)).stream_redis_url == url.group(1)
