@@ -352,7 +352,7 @@ def test_compose_cluster_profile_runs_cluster_nodes_the_binary_accepts(tmp_path:
     fleet takes for its job streams."""
     services = compose()["services"]
     nodes = ["redis-cluster-1", "redis-cluster-2", "redis-cluster-3"]
-    assert all(services[node]["profiles"] == ["cluster"] for node in nodes + ["redis-cluster-init"])
+    assert all(services[node]["profiles"] == ["cluster"] for node in [*nodes, "redis-cluster-init"])
     script = services["redis-cluster-init"]["command"][2]
     assert "--cluster create" in script and "--cluster-replicas 0" in script
     assert all(node in script for node in nodes)
