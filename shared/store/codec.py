@@ -209,12 +209,13 @@ class DeltaEncoder:
         "fenced",
         "full",
         "job_id",
+        "key",
         "key_resp",
     )
 
     def __init__(self, job_id: str, attempt: int, started_id: str) -> None:
         self.job_id = job_id
-        stream = keys.events(job_id).encode()
+        self.key = stream = keys.events(job_id).encode()
         self.key_resp = b"$%d\r\n%b\r\n" % (len(stream), stream)
         """The stream's key as one argument of a Redis command, packed once for all its appends."""
         self.fenced = False

@@ -157,6 +157,13 @@ class _ClosedAware(ClusterPipeline):
             raise await self._client._closed_under(exc) from exc
 
 
+def node_client(node: ClusterNode) -> Redis:
+    """A client of one cluster node, with the cluster client's settings (its own connection, for
+    commands packed by hand: ``shared.store.cluster`` and ``shared.store.live``)."""
+    pool = ConnectionPool(connection_class=node.connection_class, max_connections=1, **node.connection_kwargs)
+    return Redis(connection_pool=pool)
+
+
 def connect_cluster(url: str, *, max_connections: int | None = None, name: str | None = None) -> RedisCluster:
     """A ``redis.asyncio.RedisCluster`` from a cluster URL's seed nodes (``shared.urls``): it learns the
     slots' owners from them, follows MOVED and ASK, and learns them again after a failover.

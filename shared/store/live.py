@@ -29,7 +29,7 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -38,6 +38,7 @@ from redis.exceptions import ResponseError
 from . import keys
 from .calls import resp, send_packed
 from .codec import RawEntry
+from .connect import node_client
 from .streams import Wake
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,7 @@ class Live(Wake):
     ) -> list[tuple[str, list[RawEntry]]]:
         client = self._readers.get(node.name)
         if client is None:
-            pool = ConnectionPool(connection_class=node.connection_class, max_connections=1, **node.connection_kwargs)
-            client = self._readers[node.name] = Redis(connection_pool=pool)
+            client = self._readers[node.name] = node_client(node)
         limit = b"%d" % count
         payload = b"".join(
             resp([b"XREAD", b"COUNT", limit, b"STREAMS", stream.encode(), cursors[stream].encode()])

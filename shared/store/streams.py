@@ -210,6 +210,22 @@ Batch = list[tuple[DeltaEncoder, bytes, Fields]]
 """Entries to append: the attempt that writes each (its ``job_id``), the entry's id and its fields."""
 
 
+def pack_append(script: Lua, batch: Batch) -> bytes:
+    """The append script's call for ``batch``, packed here, each stream's key once per attempt
+    (``DeltaEncoder.key_resp``): redis-py would encode each of the thousands of arguments in Python."""
+    count = b"%d" % len(batch)
+    parts = [
+        b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$%d\r\n%b\r\n" % (3 + 4 * len(batch), script.sha, len(count), count)
+    ]
+    parts += [attempt.key_resp for attempt, _, _ in batch]
+    for _, entry_id, fields in batch:
+        kind, data = fields[T], fields[D]
+        parts.append(
+            b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(entry_id), entry_id, len(kind), kind, len(data), data)
+        )
+    return b"".join(parts)
+
+
 class Appended(NamedTuple):
     """What ``StreamStore.append`` did: positions refused (fenced, or gone), positions Redis had no
     memory for, and the size of the command sent."""
@@ -369,23 +385,10 @@ class StreamStore:
     # Writing deltas (the worker's hot path) ----------------------------------------------------------
 
     async def append(self, batch: Batch) -> Appended:
-        """Append a batch of entries in one script call; return the 1-based positions Redis refused
-        (the attempt is fenced or its stream gone), those it had no memory for, and the bytes sent.
-
-        The command is packed here, each stream's key once per attempt (``DeltaEncoder.key_resp``):
-        redis-py would encode each of the thousands of arguments in Python.
-        """
-        count = b"%d" % len(batch)
-        parts = [
-            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$%d\r\n%b\r\n" % (3 + 4 * len(batch), _APPEND.sha, len(count), count)
-        ]
-        parts += [attempt.key_resp for attempt, _, _ in batch]
-        for _, entry_id, fields in batch:
-            kind, data = fields[T], fields[D]
-            parts.append(
-                b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(entry_id), entry_id, len(kind), kind, len(data), data)
-            )
-        payload = b"".join(parts)
+        """Append a batch of entries in one script call (``pack_append``); return the 1-based positions
+        Redis refused (the attempt is fenced or its stream gone), those it had no memory for, and the
+        bytes sent."""
+        payload = pack_append(_APPEND, batch)
         (reply,) = await send_packed(self.redis, payload, 1)
         if isinstance(reply, NoScriptError):
             await self.redis.script_load(_APPEND.source)  # Redis restarted and forgot it
