@@ -238,6 +238,70 @@ async def test_job_streams_on_a_cluster_survive_the_death_of_a_primary(
                 assert ids_heard[-1] == (await history(fleet, job_id))[-1].id
 
 
+async def test_a_slot_moved_under_running_jobs_loses_nothing(
+    tmp_path: Path, simulator: Simulator, redis_url: str, state_dir: Path
+) -> None:
+    """Resharding: the slots of two running jobs are migrated to another primary (SETSLOT IMPORTING /
+    MIGRATING, MIGRATE of every key, SETSLOT NODE) while workers write them and the Python client and the
+    gateway's subscribers follow them. Writers and readers are redirected (ASK, MOVED), the gateway's
+    subscriptions are moved by the server and made again on the new owner; nothing is lost: every
+    follower sees exactly its job's history, and every job ends once with its whole text."""
+    with local_cluster(tmp_path) as cluster:
+        async with fleet_on(cluster, simulator, redis_url, state_dir, gateway=True) as (fleet, _, gateway):
+            assert gateway is not None
+            requests = [chat(f"resharded {i}", tokens=80, tps=20) for i in range(6)]
+            ids = [await fleet.submit(request) for request in requests]
+            streaming = [asyncio.Event() for _ in ids]
+
+            async def sse(job_id: str, started: asyncio.Event) -> list[str]:
+                heard = []
+                async with (
+                    httpx.AsyncClient(base_url=gateway, timeout=90) as client,
+                    client.stream("GET", f"/v1/jobs/{job_id}/events") as response,
+                ):
+                    async for line in response.aiter_lines():
+                        if line.startswith("id: "):
+                            heard.append(line[4:])
+                            started.set()
+                return heard
+
+            async def tail(job_id: str) -> list[str]:
+                return [event.id async for event in fleet.tail(job_id)]
+
+            subscribers = [
+                asyncio.create_task(sse(job_id, started)) for job_id, started in zip(ids, streaming, strict=True)
+            ]
+            tails = [asyncio.create_task(tail(job_id)) for job_id in ids]
+            await asyncio.wait_for(asyncio.gather(*(started.wait() for started in streaming)), timeout=30)
+            async for event in fleet.tail(ids[0]):
+                if event.type == "delta":
+                    break
+            for job_id in ids[:2]:
+                _migrate(cluster, keys.events(job_id))
+            ends = [await _wait(fleet, job_id) for job_id in ids]
+            heard = await asyncio.wait_for(asyncio.gather(*subscribers), timeout=60)
+            seen = await asyncio.wait_for(asyncio.gather(*tails), timeout=60)
+            for job_id, request, end, ids_heard, ids_seen in zip(ids, requests, ends, heard, seen, strict=True):
+                events = await history(fleet, job_id)
+                assert [event.type in TERMINAL_TYPES for event in events].count(True) == 1, job_id
+                assert end.type == DONE and end.data["result"]["text"] == expected_text(request), job_id
+                assert ids_heard == ids_seen == [event.id for event in events], job_id
+
+
+def _migrate(cluster: LocalCluster, key: str) -> None:
+    """Move ``key``'s slot, with every key in it, to the next primary, as redis-cli --cluster reshard does."""
+    slot = int(cluster.client(cluster.primaries[0]).execute_command("CLUSTER", "KEYSLOT", key))
+    source = cluster.owner(key)
+    target = cluster.primaries[(cluster.primaries.index(source) + 1) % len(cluster.primaries)]
+    source_id, target_id = (cluster.client(port).execute_command("CLUSTER", "MYID") for port in (source, target))
+    cluster.client(target).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    cluster.client(source).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    while moving := cluster.client(source).execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        cluster.client(source).execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *moving)
+    for port in cluster.primaries:
+        cluster.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
 async def _holder(
     fleet: FleetClient, workers: list[subprocess.Popen[bytes]], job_ids: list[str]
 ) -> subprocess.Popen[bytes]:

@@ -25,7 +25,15 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, NoScriptError, RedisClusterException, ResponseError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -37,8 +45,9 @@ from .live import Live
 from .streams import _APPEND, Appended, Batch, StreamStore, Wake, pack_append
 
 _APPEND_LIVE = _APPEND.live or _APPEND
-_MOVING = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
-"""Error replies that mean the slot is elsewhere or between primaries: wait, learn the slots, try again."""
+_MOVING = (MovedError, AskError, ClusterDownError, TryAgainError)
+"""Error replies that mean the slot is elsewhere or between primaries: wait, learn the slots, try again
+(a slot being migrated is written once its migration is over: no ASKING)."""
 
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError, RedisClusterException)
 """``stores.Unavailable``, which imports this module: on a cluster, also a slot whose primary is failing
@@ -123,9 +132,9 @@ class ClusterStreamStore(StreamStore):
             await client.aclose()
             raise
         for reply in replies:
+            if isinstance(reply, _MOVING):  # the slot moved or is moving, or its primary is failing over
+                raise RedisConnectionError(f"appending on {node.name}: {type(reply).__name__} {reply}")
             if isinstance(reply, ResponseError):
-                if str(reply).startswith(_MOVING):  # the slot moved, or its primary is failing over
-                    raise RedisConnectionError(f"appending on {node.name}: {reply}")
                 raise reply
         return replies, sum(len(payload) for payload in payloads)
 

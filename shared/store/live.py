@@ -17,7 +17,8 @@ An announcement only says *when* to read: every read starts from the stream's cu
 subscribers are, so a lost announcement costs a delay, never an entry. A connection that fails (its
 primary died) loses its subscriptions: they are made again on the node that owns each slot then, and
 each confirmation marks its stream due, so what was appended meanwhile is read. A slot that moves
-(resharding) unsubscribes its channels (the server's ``sunsubscribe``): the same. A node that says
+(resharding) unsubscribes its channels (the server's ``sunsubscribe``): the same, after learning the
+slot map again. A node that says
 nothing for ``PING_S`` is pinged; one that does not answer within another ``PING_S`` is dropped.
 """
 
@@ -64,6 +65,8 @@ class Live(Wake):
         self.news = asyncio.Event()
         self.woken = False
         """A follow was made since the current read began (see ``ClusterStreamStore.follow``)."""
+        self.stale = False
+        """A slot moved, or a node refused a subscription: learn the slot map again before subscribing."""
 
     def wake(self, stream: str) -> None:
         """A follow of ``stream`` was just made: read it, from its cursor, in the next round."""
@@ -95,6 +98,9 @@ class Live(Wake):
         if not new:
             return
         await self._cluster.initialize()  # the slot map (learnt again after a failover)
+        if self.stale:
+            self.stale = False
+            await self._cluster.nodes_manager.initialize()
         by_node: dict[str, tuple[ClusterNode, list[str]]] = {}
         for stream in new:
             node = self._cluster.get_node_from_key(keys.live_channel(stream))
@@ -165,6 +171,7 @@ class Live(Wake):
     def lost(self, listener: _NodeListener, stream: str | None = None) -> None:
         """A subscription ended without our asking (``stream``: its slot moved), or a whole connection:
         subscribe again, wherever the slot is now, at the next round."""
+        self.stale = True
         streams = [stream] if stream is not None else list(listener.streams)
         for lost in streams:
             listener.streams.discard(lost)
@@ -219,6 +226,8 @@ class _NodeListener:
         live, pinged = self._live, False
         try:
             while True:
+                # An error reply (MOVED: a subscription sent to a node that no longer owns the slot)
+                # raises here: the connection is dropped and its streams subscribed again, anew.
                 reply: Any = await self._connection.read_response(timeout=PING_S, disconnect_on_error=False)
                 if reply is None:  # nothing for PING_S: is the node still there?
                     if pinged:
@@ -237,6 +246,7 @@ class _NodeListener:
                     if stream in self._leaving:
                         self._leaving.discard(stream)
                     elif stream in self.streams:  # its slot moved to another node
+                        logger.info("live channel of %s left %s (its slot moved); subscribing again", stream, self.name)
                         live.lost(self, stream)
         except asyncio.CancelledError:
             raise
