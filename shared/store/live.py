@@ -18,7 +18,9 @@ subscribers are, so a lost announcement costs a delay, never an entry. A connect
 primary died) loses its subscriptions: they are made again on the node that owns each slot then, and
 each confirmation marks its stream due, so what was appended meanwhile is read. A slot that moves
 (resharding) unsubscribes its channels (the server's ``sunsubscribe``): the same, after learning the
-slot map again. A node that says
+slot map again. A node that keeps failing is tried again after a doubling delay (up to 2 s).
+
+Sharded pub/sub needs Redis or Valkey 7 or later on the cluster. A node that says
 nothing for ``PING_S`` is pinged; one that does not answer within another ``PING_S`` is dropped.
 """
 
@@ -59,6 +61,7 @@ class Live(Wake):
         self._nodes: dict[str, _NodeListener] = {}  # node name -> this reader's connection to it
         self._on: dict[str, _NodeListener] = {}  # stream key -> the connection its channel is subscribed on
         self._readers: dict[str, Redis] = {}  # node name -> this reader's client for reads on it
+        self._failures: dict[str, int] = {}  # node name -> its connections lost in a row
         self.due: set[str] = set()
         """Streams to read: something was announced, a subscription was just confirmed, or a follow
         was just made (which may not be subscribed anew: its stream's last one went, and came back)."""
@@ -168,6 +171,15 @@ class Live(Wake):
         self.due.add(stream)
         self.news.set()
 
+    def backoff(self, node: str) -> float:
+        """How long to wait before subscribing again on ``node``: doubling while it keeps failing (a
+        node that refuses SSUBSCRIBE, say) up to 2 s, so a reader never spins on it."""
+        failures = self._failures[node] = self._failures.get(node, 0) + 1
+        return float(min(0.05 * 2 ** (failures - 1), 2.0))
+
+    def subscribed(self, node: str) -> None:
+        self._failures.pop(node, None)
+
     def lost(self, listener: _NodeListener, stream: str | None = None) -> None:
         """A subscription ended without our asking (``stream``: its slot moved), or a whole connection:
         subscribe again, wherever the slot is now, at the next round."""
@@ -238,6 +250,8 @@ class _NodeListener:
                 pinged = False
                 kind = reply[0]
                 if kind in (b"smessage", b"ssubscribe"):  # an entry; or subscribed: read what came before
+                    if kind == b"ssubscribe":
+                        live.subscribed(self.name)
                     stream = keys.stream_of_channel(reply[1].decode())
                     if stream in self.streams:
                         live.announced(stream)
@@ -251,7 +265,10 @@ class _NodeListener:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            logger.warning("live channels on %s lost (%s); subscribing again", self.name, exc)
+            delay = live.backoff(self.name)
+            logger.warning("live channels on %s lost (%s); subscribing again in %.2fs", self.name, exc, delay)
+            await self._connection.disconnect(nowait=True)
+            await asyncio.sleep(delay)  # its streams count as subscribed until then: nothing tries sooner
             live.lost(self)
         finally:
             await self._connection.disconnect(nowait=True)
