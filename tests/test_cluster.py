@@ -288,6 +288,62 @@ async def test_a_slot_moved_under_running_jobs_loses_nothing(
                 assert ids_heard == ids_seen == [event.id for event in events], job_id
 
 
+async def test_a_node_that_refuses_subscriptions_is_retried_with_backoff(
+    tmp_path: Path, redis_url: str, state_dir: Path
+) -> None:
+    """A gateway whose Redis user may not SSUBSCRIBE (an ACL) cannot follow live channels: it tries again
+    after a doubling delay, not in a loop (a handful of log lines and little CPU in 4 s), and still
+    answers with what it can read (the job's catch-up)."""
+    with local_cluster(tmp_path) as cluster:
+        for port in cluster.primaries:
+            cluster.client(port).execute_command(
+                "ACL", "SETUSER", "gw", "on", ">pw", "~*", "&*", "+@all", "-ssubscribe"
+            )
+        seeds = ",".join(f"127.0.0.1:{port}" for port in cluster.primaries[:2])
+        settings = Settings(redis_url=redis_url, stream_redis_url=f"redis+cluster://{seeds}", state_dir=state_dir)
+        async with FleetClient(settings) as fleet:
+            job_id = await fleet.submit(chat("no live channel"))  # no worker: it stays queued
+        port = free_port()
+        env = {
+            **os.environ,
+            "STREAMFLEET_REDIS_URL": redis_url,
+            "STREAMFLEET_STREAM_REDIS_URL": f"redis+cluster://gw:pw@{seeds}",
+            "STREAMFLEET_STATE_DIR": str(state_dir),
+        }
+        log = (tmp_path / "gateway.log").open("wb")
+        gateway = subprocess.Popen([sys.executable, "-m", "producer.gateway", "--port", str(port)], env=env, stderr=log)
+        try:
+            wait_until(lambda: port_open(port), what="the gateway")
+            cpu_before = _cpu_s(gateway.pid)
+            lines: list[str] = []
+
+            async def listen() -> None:
+                async with (
+                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+                    client.stream("GET", f"/v1/jobs/{job_id}/events") as response,
+                ):
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        lines.append(line)
+
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listen(), timeout=4)
+            assert "event: queued" in lines  # the catch-up, read without a live channel
+            cpu = _cpu_s(gateway.pid) - cpu_before
+        finally:
+            stop_process(gateway)
+            log.close()
+        lost = (tmp_path / "gateway.log").read_text().count("live channels on")
+        print(f"{lost} resubscriptions logged in 4 s, gateway CPU {cpu:.2f} s")
+        assert 2 <= lost <= 12 and cpu < 1.5  # without the backoff: thousands, and a core
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _migrate(cluster: LocalCluster, key: str) -> None:
     """Move ``key``'s slot, with every key in it, to the next primary, as redis-cli --cluster reshard does."""
     slot = int(cluster.client(cluster.primaries[0]).execute_command("CLUSTER", "KEYSLOT", key))
