@@ -18,10 +18,11 @@ subscribers are, so a lost announcement costs a delay, never an entry. A connect
 primary died) loses its subscriptions: they are made again on the node that owns each slot then, and
 each confirmation marks its stream due, so what was appended meanwhile is read. A slot that moves
 (resharding) unsubscribes its channels (the server's ``sunsubscribe``): the same, after learning the
-slot map again. A node that keeps failing is tried again after a doubling delay (up to 2 s).
+slot map again. A node that keeps failing is tried again after a doubling delay (up to 2 s). A node
+that says nothing for ``PING_S`` is pinged; one that does not answer within another ``PING_S`` is
+dropped.
 
-Sharded pub/sub needs Redis or Valkey 7 or later on the cluster. A node that says
-nothing for ``PING_S`` is pinged; one that does not answer within another ``PING_S`` is dropped.
+Sharded pub/sub needs Redis or Valkey 7 or later on the cluster.
 """
 
 from __future__ import annotations
