@@ -21,7 +21,9 @@ import httpx
 import pytest
 import redis
 
+from bench.common import cpu_s
 from producer import FleetClient
+from producer.gateway.fanout import FanOut, ReadFailed
 from shared.accumulate import delta_text
 from shared.models import CANCELLED, DONE, RETRY, TERMINAL_TYPES, Event
 from shared.ports import free_port, port_open
@@ -78,10 +80,9 @@ async def test_workers_and_the_client_keep_job_streams_on_a_cluster(
             cancelled = ids[-1]
             assert await fleet.cancel(cancelled) in ("cancelled", "signalled")
 
-            async def tail(job_id: str) -> list[str]:
-                return [event.id async for event in fleet.tail(job_id)]
-
-            seen = await asyncio.wait_for(asyncio.gather(*(tail(job_id) for job_id in ids[:10])), timeout=60)
+            seen = await asyncio.wait_for(
+                asyncio.gather(*(_tail_ids(fleet, job_id) for job_id in ids[:10])), timeout=60
+            )
             ends = [await fleet.wait(job_id, timeout=60) for job_id in ids]
             for job_id, request, end in zip(ids, requests, ends, strict=True):
                 events = await history(fleet, job_id)
@@ -188,28 +189,12 @@ async def test_job_streams_on_a_cluster_survive_the_death_of_a_primary(
             requests = [chat(f"through a failover {i}", tokens=80, tps=20) for i in range(20)]
             ids = [await fleet.submit(request) for request in requests]
 
-            async def tail(job_id: str) -> list[str]:
-                return [event.id async for event in fleet.tail(job_id)]
-
             streaming = [asyncio.Event() for _ in ids[8:16]]
 
-            async def sse(job_id: str, started: asyncio.Event) -> list[str]:
-                """The ids an SSE subscriber receives (it is streaming before the primary dies)."""
-                heard = []
-                async with (
-                    httpx.AsyncClient(base_url=gateway, timeout=90) as client,
-                    client.stream("GET", f"/v1/jobs/{job_id}/events") as response,
-                ):
-                    assert response.status_code == 200
-                    async for line in response.aiter_lines():
-                        if line.startswith("id: "):
-                            heard.append(line[4:])
-                            started.set()
-                return heard
-
-            tails = [asyncio.create_task(tail(job_id)) for job_id in ids[:8]]
+            tails = [asyncio.create_task(_tail_ids(fleet, job_id)) for job_id in ids[:8]]
             subscribers = [
-                asyncio.create_task(sse(job_id, started)) for job_id, started in zip(ids[8:16], streaming, strict=True)
+                asyncio.create_task(_sse_ids(gateway, job_id, started))
+                for job_id, started in zip(ids[8:16], streaming, strict=True)
             ]
             await asyncio.wait_for(asyncio.gather(*(started.wait() for started in streaming)), timeout=30)
             async for event in fleet.tail(ids[0]):
@@ -253,25 +238,11 @@ async def test_a_slot_moved_under_running_jobs_loses_nothing(
             ids = [await fleet.submit(request) for request in requests]
             streaming = [asyncio.Event() for _ in ids]
 
-            async def sse(job_id: str, started: asyncio.Event) -> list[str]:
-                heard = []
-                async with (
-                    httpx.AsyncClient(base_url=gateway, timeout=90) as client,
-                    client.stream("GET", f"/v1/jobs/{job_id}/events") as response,
-                ):
-                    async for line in response.aiter_lines():
-                        if line.startswith("id: "):
-                            heard.append(line[4:])
-                            started.set()
-                return heard
-
-            async def tail(job_id: str) -> list[str]:
-                return [event.id async for event in fleet.tail(job_id)]
-
             subscribers = [
-                asyncio.create_task(sse(job_id, started)) for job_id, started in zip(ids, streaming, strict=True)
+                asyncio.create_task(_sse_ids(gateway, job_id, started))
+                for job_id, started in zip(ids, streaming, strict=True)
             ]
-            tails = [asyncio.create_task(tail(job_id)) for job_id in ids]
+            tails = [asyncio.create_task(_tail_ids(fleet, job_id)) for job_id in ids]
             await asyncio.wait_for(asyncio.gather(*(started.wait() for started in streaming)), timeout=30)
             async for event in fleet.tail(ids[0]):
                 if event.type == "delta":
@@ -286,6 +257,38 @@ async def test_a_slot_moved_under_running_jobs_loses_nothing(
                 assert [event.type in TERMINAL_TYPES for event in events].count(True) == 1, job_id
                 assert end.type == DONE and end.data["result"]["text"] == expected_text(request), job_id
                 assert ids_heard == ids_seen == [event.id for event in events], job_id
+
+
+async def test_a_cluster_read_that_fails_ends_only_the_stream_that_caused_it(
+    tmp_path: Path, simulator: Simulator, redis_url: str, state_dir: Path
+) -> None:
+    """As on one Redis (test_seams): a read that Redis refuses for one stream's own reason (a cursor it
+    refuses, slipped past the checks as a bug would) ends that stream's subscribers, not the reader; only
+    a slot that moved counts as Redis being away."""
+    with local_cluster(tmp_path) as cluster:
+        async with fleet_on(cluster, simulator, redis_url, state_dir) as (fleet, _, _):
+            healthy = await fleet.submit(chat("cluster reader, healthy", tokens=80, tps=40))
+            poisoned = await fleet.submit(chat("cluster reader, poisoned", tokens=10, ttft_ms=3000))
+            fanout = FanOut(fleet.stores.streams, readers=1, ping_interval=60)
+            fanout.start()
+            try:
+
+                async def read(job_id: str) -> list[str]:
+                    return [entry.id async for entry in fanout.events(job_id) if entry is not None]
+
+                reading = asyncio.create_task(read(healthy))
+                failing = asyncio.create_task(read(poisoned))
+                await asyncio.sleep(0.5)
+                reader = fanout._readers[0]
+                follow = reader.follows[poisoned]
+                follow.cursor = reader.cursors[follow.handle] = "99999999999999999999999"
+                reader.wake.due.add(follow.handle)  # as an announcement would
+                with pytest.raises(ReadFailed):
+                    await asyncio.wait_for(failing, timeout=10)
+                assert await asyncio.wait_for(reading, timeout=30) == [e.id for e in await history(fleet, healthy)]
+                assert fanout.tasks.healthy and fanout.tasks.restarts == 0
+            finally:
+                await fanout.aclose()
 
 
 async def test_a_node_that_refuses_subscriptions_is_retried_with_backoff(
@@ -314,7 +317,7 @@ async def test_a_node_that_refuses_subscriptions_is_retried_with_backoff(
         gateway = subprocess.Popen([sys.executable, "-m", "producer.gateway", "--port", str(port)], env=env, stderr=log)
         try:
             wait_until(lambda: port_open(port), what="the gateway")
-            cpu_before = _cpu_s(gateway.pid)
+            cpu_before = cpu_s(gateway.pid)
             lines: list[str] = []
 
             async def listen() -> None:
@@ -329,19 +332,13 @@ async def test_a_node_that_refuses_subscriptions_is_retried_with_backoff(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(listen(), timeout=4)
             assert "event: queued" in lines  # the catch-up, read without a live channel
-            cpu = _cpu_s(gateway.pid) - cpu_before
+            cpu = cpu_s(gateway.pid) - cpu_before
         finally:
             stop_process(gateway)
             log.close()
         lost = (tmp_path / "gateway.log").read_text().count("live channels on")
         print(f"{lost} resubscriptions logged in 4 s, gateway CPU {cpu:.2f} s")
         assert 2 <= lost <= 12 and cpu < 1.5  # without the backoff: thousands, and a core
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _migrate(cluster: LocalCluster, key: str) -> None:
@@ -356,6 +353,26 @@ def _migrate(cluster: LocalCluster, key: str) -> None:
         cluster.client(source).execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *moving)
     for port in cluster.primaries:
         cluster.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+async def _tail_ids(fleet: FleetClient, job_id: str) -> list[str]:
+    """The ids the Python client's tail of a job receives."""
+    return [event.id async for event in fleet.tail(job_id)]
+
+
+async def _sse_ids(gateway: str, job_id: str, started: asyncio.Event) -> list[str]:
+    """The ids an SSE subscriber of the gateway receives; ``started`` is set at the first."""
+    heard = []
+    async with (
+        httpx.AsyncClient(base_url=gateway, timeout=90) as client,
+        client.stream("GET", f"/v1/jobs/{job_id}/events") as response,
+    ):
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("id: "):
+                heard.append(line[4:])
+                started.set()
+    return heard
 
 
 async def _holder(

@@ -26,9 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
-    AskError,
     ClusterDownError,
-    MovedError,
     NoScriptError,
     RedisClusterException,
     ResponseError,
@@ -40,14 +38,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import keys
 from .calls import Lua, send_packed
 from .codec import RawEntry, is_terminal
-from .connect import node_client
+from .connect import SLOT_MOVING, node_client
 from .live import Live
 from .streams import _APPEND, Appended, Batch, StreamStore, Wake, pack_append
 
 _APPEND_LIVE = _APPEND.live or _APPEND
-_MOVING = (MovedError, AskError, ClusterDownError, TryAgainError)
-"""Error replies that mean the slot is elsewhere or between primaries: wait, learn the slots, try again
-(a slot being migrated is written once its migration is over: no ASKING)."""
 
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError, RedisClusterException)
 """``stores.Unavailable``, which imports this module: on a cluster, also a slot whose primary is failing
@@ -132,7 +127,7 @@ class ClusterStreamStore(StreamStore):
             await client.aclose()
             raise
         for reply in replies:
-            if isinstance(reply, _MOVING):  # the slot moved or is moving, or its primary is failing over
+            if isinstance(reply, SLOT_MOVING):  # the slot moved or is moving, or its primary is failing over
                 raise RedisConnectionError(f"appending on {node.name}: {type(reply).__name__} {reply}")
             if isinstance(reply, ResponseError):
                 raise reply
@@ -193,10 +188,10 @@ class ClusterStreamStore(StreamStore):
         """The followed streams that have entries after their cursors, as ``StreamStore.follow``
         answers, from announcements and reads (``shared.store.live``); with ``block_ms`` None, one read
         of each of these streams, subscribing to nothing."""
-        if block_ms is None:
-            return await self._read(cursors, list(cursors), count)
         live = wake
         assert isinstance(live, Live)
+        if block_ms is None:
+            return await live.read(cursors, list(cursors), count)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block_ms / 1000
         live.woken = False
@@ -225,12 +220,3 @@ class ClusterStreamStore(StreamStore):
             await live.wait(remaining)
             if live.woken:
                 return []
-
-    async def _read(self, cursors: dict[str, str], streams: list[str], count: int) -> list[tuple[str, list[RawEntry]]]:
-        """One XREAD per stream from its cursor, through redis-py's cluster pipeline (for the reader's
-        isolating reads after a failed one; ``Live.read`` is the fast path)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in streams:
-                pipe.xread({stream: cursors[stream]}, count=count)
-            replies = await pipe.execute()
-        return [(keys.job_of(reply[0][0]), reply[0][1]) for reply in replies if reply]

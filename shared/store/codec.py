@@ -235,8 +235,7 @@ class DeltaEncoder:
 
     def delta(self, chunk: bytes) -> tuple[bytes, Fields]:
         """The id and fields of the next delta, whose upstream bytes are ``chunk``."""
-        self._seq += 1
-        entry_id = b"%d-%d" % (self._ms, self._seq)
+        entry_id = self.next_id()
         ref = self._ref
         if ref:
             limit = min(len(ref), len(chunk))

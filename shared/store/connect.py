@@ -10,6 +10,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .. import embedded
@@ -96,6 +97,12 @@ def connect(url: str, *, max_connections: int | None = None, name: str | None = 
     return Redis.from_pool(pool(url, max_connections=max_connections, name=name))
 
 
+SLOT_MOVING = (MovedError, AskError, ClusterDownError, TryAgainError)
+"""Error replies of a cluster node that mean the slot is elsewhere or between primaries, to commands
+sent to a node by hand (``node_client``): wait, learn the slot map again, try again (a slot being
+migrated is used once its move is over: no ASKING)."""
+
+
 def _bound(limit: int | None) -> asyncio.Semaphore | contextlib.nullcontext[None]:
     return asyncio.Semaphore(limit) if limit else contextlib.nullcontext()
 
@@ -161,7 +168,7 @@ def node_client(node: ClusterNode) -> Redis:
     """A client of one cluster node, with the cluster client's settings (its own connection, for
     commands packed by hand: ``shared.store.cluster`` and ``shared.store.live``)."""
     pool = ConnectionPool(connection_class=node.connection_class, max_connections=1, **node.connection_kwargs)
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # closing the client closes its connection
 
 
 def connect_cluster(url: str, *, max_connections: int | None = None, name: str | None = None) -> RedisCluster:

@@ -42,7 +42,7 @@ from redis.exceptions import ResponseError
 from . import keys
 from .calls import resp, send_packed
 from .codec import RawEntry
-from .connect import node_client
+from .connect import SLOT_MOVING, node_client
 from .streams import Wake
 
 logger = logging.getLogger(__name__)
@@ -156,8 +156,10 @@ class Live(Wake):
             raise
         read: list[tuple[str, list[RawEntry]]] = []
         for stream, reply in zip(streams, replies, strict=True):
-            if isinstance(reply, ResponseError):  # MOVED, CLUSTERDOWN...: the slots moved or are moving
-                raise RedisConnectionError(f"reading {stream} on {node.name}: {reply}")
+            if isinstance(reply, SLOT_MOVING):  # wait, learn the slot map again, read again
+                raise RedisConnectionError(f"reading {stream} on {node.name}: {type(reply).__name__} {reply}")
+            if isinstance(reply, ResponseError):  # this stream's own (the reader isolates it)
+                raise reply
             if reply:
                 entries = reply[0][1]
                 read.append(
