@@ -27,15 +27,14 @@ from typing import Any
 
 import redis
 
-from producer import FleetClient
 from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 from shared.store import keys
 from tests.cluster import local_cluster
 
 from . import gateway as bench_gateway
-from .common import percentiles, processes, redis_server, spawn, wait_all_ended
-from .throughput import recording
+from .common import percentiles, processes, redis_cpu_s, redis_server, spawn
+from .throughput import publish, recording
 
 JOBS = 60
 CHUNKS = 2000
@@ -43,14 +42,6 @@ GATEWAY_JOBS = 200
 GATEWAY_SUBSCRIBERS = 2000
 FLUSHES = 2000
 FLUSH_ENTRIES = 20
-
-
-def _redis_cpu_s(ports: list[int]) -> float:
-    total = 0.0
-    for port in ports:
-        cpu: dict[str, Any] = redis.Redis(port=port).info("cpu")  # type: ignore[assignment]
-        total += float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
-    return total
 
 
 def _streams_per_node(ports: list[int]) -> list[int]:
@@ -65,17 +56,6 @@ def _stream_store(primaries: int, directory: Path) -> Iterator[tuple[str | None,
         return
     with local_cluster(directory, primaries=primaries, replicas_each=0) as cluster:
         yield "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in cluster.primaries), cluster.primaries
-
-
-async def _publish(queue_url: str, stream_url: str | None, name: str) -> tuple[float, int]:
-    settings = Settings(redis_url=queue_url, stream_redis_url=stream_url)
-    async with FleetClient(settings) as fleet:
-        request = {"model": "bench", "simulator": {"replay": name}}
-        started = time.time()
-        ids = [await fleet.submit({**request, "messages": [{"role": "user", "content": str(i)}]}) for i in range(JOBS)]
-        elapsed = await wait_all_ended(fleet.stores.streams, ids) - started
-        stored = sum([await fleet.stores.streams.length(job_id) for job_id in ids])
-    return elapsed, stored - 3 * JOBS  # queued, started, done
 
 
 def _case(primaries: int) -> dict[str, Any]:
@@ -95,9 +75,10 @@ def _case(primaries: int) -> dict[str, Any]:
         wait_for_port(port)
         time.sleep(1.5)
         nodes = ports or [int(queue_url.rsplit(":", 1)[1].split("/")[0])]
-        cpu_before = _redis_cpu_s(nodes)
-        elapsed, deltas = asyncio.run(_publish(queue_url, stream_url, name))
-        redis_cpu_us = (_redis_cpu_s(nodes) - cpu_before) * 1e6 / deltas
+        cpu_before = redis_cpu_s(nodes)
+        settings = Settings(redis_url=queue_url, stream_redis_url=stream_url)
+        elapsed, deltas = asyncio.run(publish(settings, name, JOBS))
+        redis_cpu_us = (redis_cpu_s(nodes) - cpu_before) * 1e6 / deltas
         spread = _streams_per_node(ports) if ports else [JOBS]
     return {"rate": deltas / elapsed, "redis_cpu_us": redis_cpu_us, "spread": spread, "deltas": deltas}
 
@@ -111,25 +92,13 @@ def _gateway_case(primaries: int) -> dict[str, Any]:
         _stream_store(primaries, Path(directory)) as (stream_url, ports),
         processes() as started,
     ):
-        simulator_port, gateway_port = free_port(), free_port()
-        env = {
-            "STREAMFLEET_REDIS_URL": queue_url,
-            "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{simulator_port}/v1",
-        }
-        if stream_url:
-            env["STREAMFLEET_STREAM_REDIS_URL"] = stream_url
-        started.append(spawn(["-m", "simulator", "--port", str(simulator_port)]))
-        started.append(spawn(["-m", "worker", "--concurrency", "500"], env))
-        gateway = spawn(["-m", "producer.gateway", "--port", str(gateway_port)], env)
-        started.append(gateway)
-        wait_for_port(simulator_port)
-        wait_for_port(gateway_port)
+        gateway_pid, gateway_port = bench_gateway.serve(started, queue_url, stream_url)
         nodes = ports or [int(queue_url.rsplit(":", 1)[1].split("/")[0])]
-        cpu_before = _redis_cpu_s(nodes)
+        cpu_before = redis_cpu_s(nodes)
         result = bench_gateway.phase(
             queue_url,
             gateway_port,
-            gateway.pid,
+            gateway_pid,
             GATEWAY_JOBS,
             GATEWAY_SUBSCRIBERS // GATEWAY_JOBS,
             cluster=[f"redis://127.0.0.1:{port}/0" for port in ports] or None,
@@ -137,7 +106,7 @@ def _gateway_case(primaries: int) -> dict[str, Any]:
             tokens=bench_gateway.TOKENS,
             tps=20,
         )
-        result["redis_cpu_us_per_frame"] = (_redis_cpu_s(nodes) - cpu_before) * 1e6 / max(1, result["events"])
+        result["redis_cpu_us_per_frame"] = (redis_cpu_s(nodes) - cpu_before) * 1e6 / max(1, result["events"])
     return result
 
 

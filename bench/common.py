@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import redis
 
 from shared.ports import free_port
 from shared.store import StreamStore
@@ -116,6 +117,23 @@ def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def redis_cpu_s(ports: list[int]) -> float:
+    """The CPU time so far of the Redis servers on these ports, together (INFO cpu)."""
+    total = 0.0
+    for port in ports:
+        with redis.Redis(port=port) as client:
+            cpu: dict[str, Any] = client.info("cpu")
+        total += float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return total
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

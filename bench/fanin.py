@@ -54,7 +54,7 @@ from shared.store.cluster import ClusterStreamStore
 from shared.store.connect import connect_cluster
 from tests.cluster import LocalCluster, local_cluster
 
-from .common import percentiles
+from .common import percentiles, redis_cpu_s
 
 STREAMS = int(os.environ.get("STREAMFLEET_BENCH_FANIN_STREAMS", "300"))
 SECONDS = int(os.environ.get("STREAMFLEET_BENCH_FANIN_SECONDS", "10"))
@@ -258,13 +258,6 @@ def _writer_process(design: str, port: int) -> None:
     uvloop.run(_write(design, port))
 
 
-def _redis_cpu_s(cluster: LocalCluster) -> float:
-    return sum(
-        float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-        for info in (cluster.client(port).info("cpu") for port in cluster.primaries)
-    )
-
-
 def _reader_connections(cluster: LocalCluster) -> int:
     return sum(
         1 for port in cluster.primaries for client in cluster.client(port).client_list() if client["name"] == READER
@@ -285,13 +278,13 @@ def _measure(cluster: LocalCluster, design: str) -> dict[str, Any]:
         assert ours.poll(60), f"{design}: the reader did not get ready"
         assert ours.recv() == "ready"
         connections = _reader_connections(cluster)
-        cpu_before = _redis_cpu_s(cluster)
+        cpu_before = redis_cpu_s(cluster.primaries)
         writer.start()
         while not ours.poll(1):
             assert writer.exitcode in (None, 0), f"{design}: the writer failed"
             assert reader.is_alive(), f"{design}: the reader failed"
         result: dict[str, Any] = ours.recv()
-        redis_cpu_s = _redis_cpu_s(cluster) - cpu_before
+        redis_cpu = redis_cpu_s(cluster.primaries) - cpu_before
     finally:
         for process in (writer, reader):
             if process.pid is not None:
@@ -300,7 +293,7 @@ def _measure(cluster: LocalCluster, design: str) -> dict[str, Any]:
                     process.kill()
                     process.join()
     written = STREAMS * RATE * SECONDS
-    return {**result, "connections": connections, "redis_cpu_us": redis_cpu_s * 1e6 / written, "written": written}
+    return {**result, "connections": connections, "redis_cpu_us": redis_cpu * 1e6 / written, "written": written}
 
 
 def run() -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 
 from . import send_floor
-from .common import percentiles, processes, redis_server, spawn
+from .common import cpu_s, percentiles, processes, redis_server, spawn
 
 SUBSCRIBERS = int(os.environ.get("STREAMFLEET_BENCH_SUBSCRIBERS", "5000"))
 JOBS = 50
@@ -67,12 +67,6 @@ def _gateway_connections(urls: list[str]) -> int:
     return count
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _frames_sent(port: int) -> float:
     """The gateway's count of events written to subscribers (its /metrics)."""
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -101,7 +95,7 @@ def phase(
     if jobs == 1:  # one job: its subscribers split over the client processes
         per_job = -(-per_job // CLIENT_PROCESSES)
         shares = [job_ids] * CLIENT_PROCESSES
-    cpu_before = _cpu_s(gateway_pid)
+    cpu_before = cpu_s(gateway_pid)
     clients = [
         subprocess.Popen(
             [sys.executable, "-m", "bench.sse_client"],
@@ -120,14 +114,14 @@ def phase(
     connections = _gateway_connections([url, *(cluster or [])])
     # From here on the gateway only streams: its CPU per frame over this window is like for like with
     # the readers', which is counted from their first event on (their connecting excluded).
-    streaming_cpu, streaming_sent = _cpu_s(gateway_pid), _frames_sent(port)
+    streaming_cpu, streaming_sent = cpu_s(gateway_pid), _frames_sent(port)
     results = []
     for client in clients:
         assert client.stdout is not None
         results.append(orjson.loads(client.stdout.read()))
         client.wait(timeout=60)
-    gateway_cpu = _cpu_s(gateway_pid) - cpu_before
-    streaming_cpu = _cpu_s(gateway_pid) - streaming_cpu
+    gateway_cpu = cpu_s(gateway_pid) - cpu_before
+    streaming_cpu = cpu_s(gateway_pid) - streaming_cpu
     streaming_sent = _frames_sent(port) - streaming_sent
     latencies = [sample for result in results for sample in result["latencies_us"]]
     events = sum(result["events"] for result in results)
@@ -146,23 +140,29 @@ def phase(
     }
 
 
+def serve(started: list[subprocess.Popen[bytes]], queue_url: str, stream_url: str | None = None) -> tuple[int, int]:
+    """The simulator, a worker and a gateway process on these Redis URLs, added to ``started``; the
+    gateway's pid and port once it answers."""
+    simulator_port, gateway_port = free_port(), free_port()
+    env = {"STREAMFLEET_REDIS_URL": queue_url, "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{simulator_port}/v1"}
+    if stream_url:
+        env["STREAMFLEET_STREAM_REDIS_URL"] = stream_url
+    started.append(spawn(["-m", "simulator", "--port", str(simulator_port)]))
+    started.append(spawn(["-m", "worker", "--concurrency", "500"], env))
+    gateway = spawn(["-m", "producer.gateway", "--port", str(gateway_port)], env)
+    started.append(gateway)
+    wait_for_port(simulator_port)
+    wait_for_port(gateway_port)
+    return gateway.pid, gateway_port
+
+
 def run() -> list[dict[str, Any]]:
     with redis_server() as url, processes() as started:
-        simulator_port, gateway_port = free_port(), free_port()
-        env = {
-            "STREAMFLEET_REDIS_URL": url,
-            "STREAMFLEET_UPSTREAM_BASE_URL": f"http://127.0.0.1:{simulator_port}/v1",
-        }
-        started.append(spawn(["-m", "simulator", "--port", str(simulator_port)]))
-        started.append(spawn(["-m", "worker", "--concurrency", "500"], env))
-        gateway = spawn(["-m", "producer.gateway", "--port", str(gateway_port)], env)
-        started.append(gateway)
-        wait_for_port(simulator_port)
-        wait_for_port(gateway_port)
-        baseline = phase(url, gateway_port, gateway.pid, JOBS, 1, ttft_ms=1000, tokens=TOKENS, tps=TPS)
+        gateway_pid, gateway_port = serve(started, url)
+        baseline = phase(url, gateway_port, gateway_pid, JOBS, 1, ttft_ms=1000, tokens=TOKENS, tps=TPS)
         per_job = max(1, SUBSCRIBERS // JOBS)
-        load = phase(url, gateway_port, gateway.pid, JOBS, per_job, ttft_ms=RAMP_MS, tokens=TOKENS, tps=TPS)
-        one = phase(url, gateway_port, gateway.pid, 1, ONE_JOB_SUBSCRIBERS, ttft_ms=RAMP_MS, tokens=200, tps=20)
+        load = phase(url, gateway_port, gateway_pid, JOBS, per_job, ttft_ms=RAMP_MS, tokens=TOKENS, tps=TPS)
+        one = phase(url, gateway_port, gateway_pid, 1, ONE_JOB_SUBSCRIBERS, ttft_ms=RAMP_MS, tokens=200, tps=20)
     floor_us = send_floor.measure()
     rows = []
     for case, measured, goal in (

@@ -13,7 +13,6 @@ the simulator and the consumer, the 2,000-stream case measures the box as much a
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any
 
@@ -25,7 +24,7 @@ from shared.models import DELTA
 from shared.ports import free_port, wait_for_port
 from shared.settings import Settings
 
-from .common import percentiles, processes, redis_server, spawn
+from .common import cpu_s, percentiles, processes, redis_server, spawn
 from .lean import sse_data
 
 CASES = ((100, 20, 60), (200, 50, 100), (2000, 20, 60))  # streams, tokens/s, tokens
@@ -47,12 +46,6 @@ def _rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 async def _direct(port: int, streams: int, tps: int, tokens: int) -> tuple[list[float], float]:
@@ -118,9 +111,9 @@ def run() -> list[dict[str, Any]]:
             time.sleep(1.5)
             direct_samples, direct_cpu_us = asyncio.run(_direct(port, streams, tps, tokens))
             direct = percentiles(direct_samples)
-            cpu_before = _cpu_s(worker.pid)
+            cpu_before = cpu_s(worker.pid)
             fleet_samples, rss_per_stream_kb = asyncio.run(_fleet(url, worker.pid, streams, tps, tokens))
-            cpu_us_per_delta = (_cpu_s(worker.pid) - cpu_before) * 1e6 / max(1, len(fleet_samples))
+            cpu_us_per_delta = (cpu_s(worker.pid) - cpu_before) * 1e6 / max(1, len(fleet_samples))
             fleet = percentiles(fleet_samples)
         rows.append(
             {

@@ -36,14 +36,16 @@ def recording(directory: Path, chunks: int = CHUNKS) -> str:
     return "long.sse"
 
 
-async def _fleet(url: str, name: str) -> tuple[float, int]:
-    async with FleetClient(Settings(redis_url=url)) as fleet:
+async def publish(settings: Settings, name: str, jobs: int) -> tuple[float, int]:
+    """Submit ``jobs`` jobs replaying the recording ``name``; the seconds until the last ended and the
+    deltas they stored."""
+    async with FleetClient(settings) as fleet:
         request = {"model": "bench", "simulator": {"replay": name}}
         started = time.time()
-        ids = [await fleet.submit({**request, "messages": [{"role": "user", "content": str(i)}]}) for i in range(JOBS)]
+        ids = [await fleet.submit({**request, "messages": [{"role": "user", "content": str(i)}]}) for i in range(jobs)]
         elapsed = await wait_all_ended(fleet.stores.streams, ids) - started
         stored = sum([await fleet.stores.streams.length(job_id) for job_id in ids])
-    return elapsed, stored - 3 * JOBS  # queued, started, done
+    return elapsed, stored - 3 * jobs  # queued, started, done
 
 
 def _redis_benchmark(url: str) -> float | None:
@@ -71,7 +73,7 @@ def run() -> list[dict[str, Any]]:
         started.append(spawn(["-m", "worker"], env))
         wait_for_port(port)
         time.sleep(1.5)
-        elapsed, stored = asyncio.run(_fleet(url, name))
+        elapsed, stored = asyncio.run(publish(Settings(redis_url=url), name, JOBS))
         naive = orjson.loads(
             subprocess.run(
                 [sys.executable, "-m", "bench.naive_worker", url, base, name, str(JOBS)],
