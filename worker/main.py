@@ -133,6 +133,7 @@ async def serve(
         runtime.tasks.start("pool status", lambda: heartbeat.report_status(runtime, probes, status_file))
     if metrics_port is not None:
         await health.start(settings.metrics_host, metrics_port)
+    processes.settle_garbage_collector()
     logger.info("worker %s: taking jobs (concurrency %d)", runtime.worker_id, worker.max_jobs)
     try:
         with contextlib.suppress(asyncio.CancelledError):

@@ -86,6 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
                 auth=Auth(settings),
                 settings=settings,
             )
+            processes.settle_garbage_collector()
             try:
                 yield
             finally:
