@@ -64,3 +64,39 @@ def test_the_job_payload_is_arqs_format() -> None:
         None,
         123,
     )
+
+
+async def test_run_jobs_transaction_through_the_fence_answers_as_arqs_own(redis_url: str) -> None:
+    """arq's run_job opens a transaction per job (GET its entry, INCR and EXPIRE its try counter);
+    the fence runs it as one script: same replies, same counter and TTL, on a real Redis."""
+    from shared.settings import Settings
+    from shared.store import open_stores
+
+    stores = await open_stores(Settings(redis_url=redis_url), name="test")
+    try:
+        client = stores.queue.redis
+        fenced = queue._WorkerPool(stores.queue)
+        await client.set(keys.arq_job("by-arq"), b"entry")
+        await client.set(keys.arq_job("fenced"), b"entry")
+        for _ in range(2):
+            replies = []
+            for pool, job_id in ((client, "by-arq"), (fenced, "fenced")):
+                async with pool.pipeline(transaction=True) as pipe:  # as arq's run_job spells it
+                    pipe.get(arq.constants.job_key_prefix + job_id)
+                    pipe.incr(arq.constants.retry_key_prefix + job_id)
+                    pipe.expire(arq.constants.retry_key_prefix + job_id, 88400)
+                    replies.append(await pipe.execute())
+            assert replies[1] == replies[0]
+        assert replies[0][:2] == [b"entry", 2]
+        assert await client.ttl(keys.arq_retry("fenced")) == await client.ttl(keys.arq_retry("by-arq")) > 88000
+        async with fenced.pipeline(transaction=True) as pipe:
+            pipe.get(keys.arq_job("gone"))
+            pipe.incr(keys.arq_retry("gone"))
+            pipe.expire(keys.arq_retry("gone"), 10)
+            assert await pipe.execute() == [None, 1, True]  # an expired job: arq's run_job gives it up
+        async with fenced.pipeline(transaction=True) as pipe:
+            pipe.get(keys.arq_job("gone"))
+            with pytest.raises(RuntimeError, match="does not know"):
+                await pipe.execute()
+    finally:
+        await stores.aclose()
