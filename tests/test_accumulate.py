@@ -127,6 +127,23 @@ def test_envelope_skips_empty_first_values_and_keeps_unknown_keys() -> None:
     assert completion["system_fingerprint"] == "fp_1" and "obfuscation" not in completion
 
 
+def test_envelope_rules_hold_once_every_key_has_been_seen() -> None:
+    """After the first chunks every key is known (the accumulator's fast path): the first non-empty
+    value still wins, a key first sent empty still takes its first real value, and the last-value
+    fields still take each non-null value."""
+    acc = accumulate(
+        chunk({"content": "a"}, system_fingerprint=None, service_tier="default", region=""),
+        chunk({"content": "b"}, system_fingerprint="fp_1", service_tier="default", region=""),
+        chunk({"content": "c"}, system_fingerprint="fp_1", region="eu", id="c2"),
+        chunk({"content": "d"}, system_fingerprint=None, service_tier="flex", region="us", model="other"),
+        chunk({"content": "e"}, system_fingerprint="fp_2"),
+    )
+    completion = acc.completion()
+    assert (completion["id"], completion["model"], completion["region"]) == ("c1", "m", "eu")
+    assert (completion["system_fingerprint"], completion["service_tier"]) == ("fp_2", "flex")
+    assert completion["choices"][0]["message"]["content"] == "abcde"
+
+
 def test_responses_items_done_out_of_order_and_no_type_field() -> None:
     acc = ResponsesAccumulator()
     acc.add({"delta": "Hel"}, "response.output_text.delta")  # the type only in the SSE event line
