@@ -59,6 +59,21 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Parse one network read; return the events it completed, in order."""
+        if (
+            chunk[:6] == b"data: "
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk[-1] == 0x0A
+            and not self._buffer
+            and not self._pending
+            and not self._data
+            and self._event is None
+            and b"\r" not in chunk
+            and len(chunk) - 7 <= self._max
+        ):
+            # One whole one-line event in one read, as most providers send each token: no split.
+            whole = SSEEvent(chunk[6:-2], None, self._id, self._retry)
+            self._retry = None
+            return [whole]
         if b"\n" not in chunk and b"\r" not in chunk and not self._buffer.endswith(b"\r"):
             if len(chunk) + self._pending_bytes + len(self._buffer) > self._max:
                 raise SSETooLarge(f"the upstream sent a line of over {self._max} bytes")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.sse import SSEEvent, SSEParser
+from shared.sse import SSEEvent, SSEParser, SSETooLarge
 from tests.conftest import FIXTURES
 
 RECORDINGS = sorted(FIXTURES.glob("*.sse"))
@@ -51,6 +51,34 @@ def test_every_split_of_a_recording_parses_the_same(path: Path) -> None:
     for cut in range(1, len(raw), step):
         assert parse(raw[:cut], raw[cut:]) == whole
     assert parse(*(raw[i : i + 1] for i in range(len(raw)))) == whole
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.name)
+def test_a_recording_read_an_event_at_a_time_parses_the_same(path: Path) -> None:
+    """Each event in a read of its own, as providers send tokens: the parser's one-event fast path
+    gives what the line-by-line path gives."""
+    raw = path.read_bytes()
+    reads = [piece + b"\n\n" for piece in raw.split(b"\n\n")]
+    reads[-1] = reads[-1][:-2]
+    assert b"".join(reads) == raw
+    assert parse(*reads) == parse(raw)
+
+
+def test_the_one_event_fast_path_keeps_the_parsers_state() -> None:
+    reads = [b"data: 1\n\n", b"id: 9\nretry: 50\n\n", b"data: 2\n\n", b"data: 3\n\n", b"data: 4", b"\n\n"]
+    reads += [b"event: e\n", b"data: 5\n\n", b"data: \n\n", b"data: x\r\n\r\n"]
+    assert parse(*reads) == [
+        SSEEvent(b"1"),
+        SSEEvent(b"2", None, "9", 50),
+        SSEEvent(b"3", None, "9", None),
+        SSEEvent(b"4", None, "9", None),
+        SSEEvent(b"5", "e", "9", None),
+        SSEEvent(b"", None, "9", None),
+        SSEEvent(b"x", None, "9", None),
+    ]
+    with pytest.raises(SSETooLarge):
+        SSEParser(max_event_bytes=4).feed(b"data: 12345\n\n")
+    assert SSEParser(max_event_bytes=4).feed(b"data: 123\n\n") == [SSEEvent(b"123")]
 
 
 def test_utf8_split_across_reads_survives() -> None:

@@ -23,7 +23,7 @@ import logging
 import re
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -132,11 +132,12 @@ class _Inflate:
                 make_error("upstream_error", f"the upstream sent content-encoding {encoding[:40]!r}, which is not read")
             )
 
-    def pieces(self, data: bytes) -> Iterator[bytes]:
+    def pieces(self, data: bytes) -> Iterable[bytes]:
         """The decoded bytes of ``data``, a step at a time: each piece is used before the next is made."""
-        if self._zlib is None:
-            yield data
-            return
+        return (data,) if self._zlib is None else self._inflated(data)  # no generator a read when identity
+
+    def _inflated(self, data: bytes) -> Iterator[bytes]:
+        assert self._zlib is not None
         try:
             yield self._zlib.decompress(data, DECODE_STEP)
             while self._zlib.unconsumed_tail:
