@@ -47,6 +47,9 @@ class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection; the parser's callbacks fill the state one response is read from."""
 
     def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES) -> None:
+        # Made by the loop's create_connection. Kept: asyncio.get_running_loop() is a getpid()
+        # system call on Python 3.11, and a read would make one.
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.max_head_bytes = max_head_bytes
         self.closed = False
@@ -142,7 +145,7 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:
