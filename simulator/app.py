@@ -22,6 +22,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from shared import processes
 
 from . import faults, text
 
@@ -292,14 +295,22 @@ class Simulator:
         return JSONResponse({"object": "list", "data": models})
 
 
+@asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    # It shares the benchmarks' machine with the fleet: its collector is settled as the fleet's are.
+    processes.settle_garbage_collector()
+    yield
+
+
 def create_app(config: SimulatorConfig | None = None) -> Starlette:
     """The simulator as an ASGI app."""
     simulator = Simulator(config or SimulatorConfig())
     return Starlette(
+        lifespan=_lifespan,
         routes=[
             Route("/v1/chat/completions", simulator.chat_completions, methods=["POST"]),
             Route("/v1/responses", simulator.responses, methods=["POST"]),
             Route("/v1/models", simulator.models, methods=["GET"]),
             Route("/_simulator/stats", simulator.stats_route, methods=["GET"]),
-        ]
+        ],
     )
