@@ -542,6 +542,8 @@ class FencedWorker(Worker):
         self._on_signal = on_signal
         self._on_given_up = on_given_up
         self._scores: dict[str, int] = {}
+        self._finished: list[asyncio.Task[None]] = []
+        """Job tasks done since the last poll, which takes them out of ``tasks``."""
         self._poll_failures = 0
         self._drained = False
 
@@ -552,13 +554,15 @@ class FencedWorker(Worker):
 
     async def _poll_iteration(self) -> None:
         self._wake.clear()  # before looking at the queue: a submit from now on sets it again
-        for job_id, task in list(self.tasks.items()):
-            if task.done():
+        finished, self._finished = self._finished, []  # not a walk over every running job, as arq's
+        for task in finished:
+            job_id = task.get_name()
+            if self.tasks.get(job_id) is task:
                 del self.tasks[job_id]
                 self._scores.pop(job_id, None)
-                if not task.cancelled() and task.exception() is not None:
-                    # arq would re-raise it here and end the worker; the job's lease lapses instead.
-                    logger.error("job %s: arq's run_job failed", job_id, exc_info=task.exception())
+            if not task.cancelled() and task.exception() is not None:
+                # arq would re-raise it here and end the worker; the job's lease lapses instead.
+                logger.error("job %s: arq's run_job failed", job_id, exc_info=task.exception())
         taken: list[tuple[str, int]] = []
         wanted = min(self.max_jobs - len(self.tasks), CLAIM_BATCH)
         self._drained = False
@@ -579,7 +583,7 @@ class FencedWorker(Worker):
                 return
         for job_id, score in taken:
             self._scores[job_id] = score
-            task = self.loop.create_task(self.run_job(job_id, score))
+            task = self.loop.create_task(self.run_job(job_id, score), name=job_id)
             task.add_done_callback(self._slot_free)
             self.tasks[job_id] = task
         await self.heart_beat()
@@ -587,7 +591,8 @@ class FencedWorker(Worker):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_delay_s)
 
-    def _slot_free(self, _: object) -> None:
+    def _slot_free(self, task: asyncio.Task[None]) -> None:
+        self._finished.append(task)
         if not self._drained:
             self._wake.set()  # jobs may be waiting for this slot: look at the queue now
 
