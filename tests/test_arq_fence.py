@@ -67,35 +67,41 @@ def test_the_job_payload_is_arqs_format() -> None:
 
 
 async def test_run_jobs_transaction_through_the_fence_answers_as_arqs_own(redis_url: str) -> None:
-    """arq's run_job opens a transaction per job (GET its entry, INCR and EXPIRE its try counter);
-    the fence runs it as one script: same replies, same counter and TTL, on a real Redis."""
+    """arq's run_job opens a transaction as each job starts (GET its entry, INCR and EXPIRE its try
+    counter); the fence's claim reads and counts the same, and the transaction answers from it:
+    the same replies, counter and TTL as arq's own MULTI on a twin job, on a real Redis."""
     from shared.settings import Settings
     from shared.store import open_stores
 
     stores = await open_stores(Settings(redis_url=redis_url), name="test")
     try:
         client = stores.queue.redis
-        fenced = queue._WorkerPool(stores.queue)
-        await client.set(keys.arq_job("by-arq"), b"entry")
-        await client.set(keys.arq_job("fenced"), b"entry")
+        claimed: dict[str, queue.Claimed] = {}
+        fenced = queue._WorkerPool(stores.queue, claimed)
+        payload = queue.payload(endpoint="chat.completions", request={}, tenant=None, enqueue_time_ms=0)
         for _ in range(2):
             replies = []
+            await client.set(keys.arq_job("by-arq"), payload)
+            await stores.queue.enqueue("fenced", payload, score_ms=0, idempotency_key=None)
+            for claim in await stores.queue.claim(4, lease_ms=5000, in_progress_ms=5000):
+                claimed[claim.job_id] = claim
             for pool, job_id in ((client, "by-arq"), (fenced, "fenced")):
                 async with pool.pipeline(transaction=True) as pipe:  # as arq's run_job spells it
                     pipe.get(arq.constants.job_key_prefix + job_id)
                     pipe.incr(arq.constants.retry_key_prefix + job_id)
                     pipe.expire(arq.constants.retry_key_prefix + job_id, 88400)
                     replies.append(await pipe.execute())
-            assert replies[1] == replies[0]
-        assert replies[0][:2] == [b"entry", 2]
+            assert replies[1] == replies[0] and not claimed
+            await stores.queue.finish("fenced", again_at_ms="now")  # back in the queue: claimed again
+        assert replies[0] == [payload, 2, True]
         assert await client.ttl(keys.arq_retry("fenced")) == await client.ttl(keys.arq_retry("by-arq")) > 88000
-        async with fenced.pipeline(transaction=True) as pipe:
-            pipe.get(keys.arq_job("gone"))
-            pipe.incr(keys.arq_retry("gone"))
-            pipe.expire(keys.arq_retry("gone"), 10)
-            assert await pipe.execute() == [None, 1, True]  # an expired job: arq's run_job gives it up
-        async with fenced.pipeline(transaction=True) as pipe:
-            pipe.get(keys.arq_job("gone"))
+        await client.delete(keys.arq_job("fenced"))  # expired in the queue: arq's run_job gives it up
+        (claim,) = await stores.queue.claim(4, lease_ms=5000, in_progress_ms=5000)
+        assert (claim.job_id, claim.entry, claim.tries) == ("fenced", None, 3)
+        async with fenced.pipeline(transaction=True) as pipe:  # a job the fence did not claim
+            pipe.get(keys.arq_job("other"))
+            pipe.incr(keys.arq_retry("other"))
+            pipe.expire(keys.arq_retry("other"), 88400)
             with pytest.raises(RuntimeError, match="does not know"):
                 await pipe.execute()
     finally:

@@ -40,7 +40,7 @@ async def submit(stores: Stores, job_id: str) -> None:
 
 async def claim(stores: Stores, *job_ids: str) -> None:
     taken = await stores.queue.claim(len(job_ids), lease_ms=LEASE_MS, in_progress_ms=60_000)
-    assert sorted(job_id for job_id, _ in taken) == sorted(job_ids)
+    assert sorted(claim.job_id for claim in taken) == sorted(job_ids)
 
 
 async def start(stores: Stores, job_id: str, max_attempts: int = 5) -> Start:
@@ -73,7 +73,7 @@ async def test_a_claim_takes_due_jobs_off_the_queue_and_leases_them(stores: Stor
         await submit(stores, job_id)
     first = await stores.queue.claim(2, lease_ms=LEASE_MS, in_progress_ms=60_000)
     second = await stores.queue.claim(2, lease_ms=LEASE_MS, in_progress_ms=60_000)
-    assert [job_id for job_id, _ in first] == ["a", "b"] and [job_id for job_id, _ in second] == ["c"]
+    assert [claim.job_id for claim in first] == ["a", "b"] and [claim.job_id for claim in second] == ["c"]
     assert sync_redis.zcard(keys.QUEUE) == 0 and sync_redis.zcard(keys.RUNNING) == 3
     assert all(sync_redis.exists(keys.arq_in_progress(job_id)) for job_id in "abc")
     # Finished: arq's keys and the lease go together. Handed back: due again at once, lease gone.

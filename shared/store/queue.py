@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from signal import Signals
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import arq
 from arq.connections import ArqRedis
@@ -74,9 +74,12 @@ redis.call('PUBLISH', ARGV[6], ARGV[1])
 return {ARGV[1], 1}
 """)
 
-# KEYS: arq queue, leases. ARGV: how many, lease ms, in-progress ms, arq's in-progress key prefix.
+# KEYS: arq queue, leases. ARGV: how many, lease ms, in-progress ms, arq's prefixes of in-progress,
+# job and try-counter keys, the counter's TTL (s).
 # Takes the first due jobs off the queue, marks them in progress (arq's marker) and leases them, in
-# one step. Returns id, score pairs. (The in-progress keys are derived here, undeclared: the queue
+# one step; and reads and counts what arq's run_job would read and count as each starts (its entry,
+# its try), so that starting it costs no round trip of its own (``FencedWorker``). Returns id, score,
+# entry (or false), tries, for each job. (The keys of each job are derived here, undeclared: the queue
 # lives on one primary, never on a cluster.)
 _CLAIM = Lua(
     _ALLOW_OOM
@@ -85,12 +88,20 @@ _CLAIM = Lua(
 local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
 local lease_end = now + tonumber(ARGV[2])
+local taken = {}
 for i = 1, #due, 2 do
-  redis.call('ZREM', KEYS[1], due[i])
-  redis.call('SET', ARGV[4] .. due[i], '1', 'PX', ARGV[3])
-  redis.call('ZADD', KEYS[2], lease_end, due[i])
+  local id = due[i]
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('SET', ARGV[4] .. id, '1', 'PX', ARGV[3])
+  redis.call('ZADD', KEYS[2], lease_end, id)
+  local tries = redis.call('INCR', ARGV[6] .. id)
+  redis.call('EXPIRE', ARGV[6] .. id, ARGV[7])
+  taken[#taken + 1] = id
+  taken[#taken + 1] = due[i + 1]
+  taken[#taken + 1] = redis.call('GET', ARGV[5] .. id)
+  taken[#taken + 1] = tries
 end
-return due
+return taken
 """
 )
 
@@ -157,18 +168,6 @@ return 1
 """
 )
 
-# KEYS: arq job, its try counter. ARGV: the counter's TTL (s). What arq's run_job reads and counts in
-# the transaction it opens for each job (GET, INCR, EXPIRE), in one script: ``FencedWorker``.
-_TRY = Lua(
-    _ALLOW_OOM
-    + """
-local entry = redis.call('GET', KEYS[1])
-local tries = redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return {entry, tries, 1}
-"""
-)
-
 # KEYS: arq queue, leases, arq job. ARGV: job id.
 # A cancelled job that no worker holds leaves the queue; a held one is left to its worker (it finds
 # the job ended when it starts it, and arq finishes it as usual).
@@ -215,6 +214,20 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+ARQ_TRY_TTL_S: Final = 88_400
+"""The TTL arq's run_job gives a job's try counter (``arq:retry:<id>``)."""
+
+
+class Claimed(NamedTuple):
+    """A job a claim took: its id, its score (when it was due, ms), its arq entry (None: it expired)
+    and its try, counted."""
+
+    job_id: str
+    score: int
+    entry: bytes | None
+    tries: int
+
+
 class QueueStore:
     """The queue's operations, bound to one client.
 
@@ -251,12 +264,25 @@ class QueueStore:
         )
         return _text(reply[0]), bool(reply[1])
 
-    async def claim(self, limit: int, *, lease_ms: int, in_progress_ms: int) -> list[tuple[str, int]]:
-        """Take up to ``limit`` due jobs for this worker, leased: ``(job id, score)`` of those taken."""
+    async def claim(self, limit: int, *, lease_ms: int, in_progress_ms: int) -> list[Claimed]:
+        """Take up to ``limit`` due jobs for this worker, leased, each with its try counted."""
         reply = await self._calls.run(
-            _CLAIM, keys=[keys.QUEUE, keys.RUNNING], args=[limit, lease_ms, in_progress_ms, keys.arq_in_progress("")]
+            _CLAIM,
+            keys=[keys.QUEUE, keys.RUNNING],
+            args=[
+                limit,
+                lease_ms,
+                in_progress_ms,
+                keys.arq_in_progress(""),
+                keys.arq_job(""),
+                keys.arq_retry(""),
+                ARQ_TRY_TTL_S,
+            ],
         )
-        return [(_text(job_id), int(float(score))) for job_id, score in zip(reply[::2], reply[1::2], strict=True)]
+        return [
+            Claimed(_text(reply[i]), int(float(reply[i + 1])), reply[i + 2], int(reply[i + 3]))
+            for i in range(0, len(reply), 4)
+        ]
 
     async def lapsed(self, *, limit: int = 100) -> list[str]:
         """Held jobs whose lease has lapsed."""
@@ -286,12 +312,6 @@ class QueueStore:
             ],
             args=[job_id, "" if again_at_ms is None else again_at_ms, keys.QUEUED_CHANNEL],
         )
-
-    async def count_try(self, entry_key: str, counter_key: str, ttl_s: int) -> list[Any]:
-        """arq's start of a job (``FencedWorker``): its entry, its try counted; as arq's transaction
-        returns them: ``[entry or None, tries, True]``."""
-        entry, tries, _ = await self._calls.run(_TRY, keys=[entry_key, counter_key], args=[ttl_s])
-        return [entry, tries, True]
 
     async def dequeue(self, job_id: str) -> str:
         """Take a cancelled job off the queue: ``removed``, or ``held`` (a worker has it)."""
@@ -455,14 +475,14 @@ after another while the others idled (time to first token p99 ~200 ms against ~5
 
 
 class _RunJobTransaction:
-    """The transaction arq's ``run_job`` opens for each job (``ARQ_SURFACE`` pins it): GET its entry,
-    INCR its try counter, EXPIRE the counter. Through redis-py that is ~130 µs of CPU and five
-    replies read one by one (5 % of a worker at 2,000 streams); here the three commands are recorded
-    and run as one script call (``_TRY``), coalesced with the other calls of the loop turn, atomic as
-    the MULTI was. Any other use of a transaction fails loudly: arq changed."""
+    """The transaction arq's ``run_job`` opens as a job starts (``ARQ_SURFACE`` pins it): GET its
+    entry, INCR its try counter, EXPIRE the counter. The claim that took the job did just that
+    (``QueueStore.claim``), so this one answers from the claim, with no round trip: through redis-py
+    it cost ~130 µs of CPU and five replies read one by one (5 % of a worker at 2,000 streams), and
+    one more wait before the upstream request. Any other transaction fails loudly: arq changed."""
 
-    def __init__(self, queue: QueueStore) -> None:
-        self._queue = queue
+    def __init__(self, claimed: dict[str, Claimed]) -> None:
+        self._claimed = claimed
         self._commands: list[tuple[str, tuple[Any, ...]]] = []
 
     async def __aenter__(self) -> _RunJobTransaction:
@@ -482,8 +502,11 @@ class _RunJobTransaction:
 
     async def execute(self) -> list[Any]:
         match self._commands:
-            case [("get", (entry,)), ("incr", (counter,)), ("expire", (expiring, ttl))] if expiring == counter:
-                return await self._queue.count_try(entry, counter, ttl)
+            case [("get", (str(entry),)), ("incr", (counter,)), ("expire", (expiring, ttl))] if ttl == ARQ_TRY_TTL_S:
+                job_id = entry.removeprefix(keys.arq_job(""))
+                claim = self._claimed.pop(job_id, None) if counter == expiring == keys.arq_retry(job_id) else None
+                if claim is not None:
+                    return [claim.entry, claim.tries, True]
         raise RuntimeError(f"arq's run_job sent a transaction the fence does not know: {self._commands}")
 
 
@@ -491,12 +514,13 @@ class _WorkerPool:
     """arq's Redis client as ``FencedWorker`` hands it to arq: the queue's, but for the transactions,
     which only ``run_job`` opens (``_RunJobTransaction``)."""
 
-    def __init__(self, queue: QueueStore) -> None:
+    def __init__(self, queue: QueueStore, claimed: dict[str, Claimed]) -> None:
         self._queue = queue
+        self._claimed = claimed
 
     def pipeline(self, transaction: bool = True) -> Any:
         # Without a transaction: arq's start-up reads INFO in a plain pipeline.
-        return _RunJobTransaction(self._queue) if transaction else self._queue.redis.pipeline(transaction=False)
+        return _RunJobTransaction(self._claimed) if transaction else self._queue.redis.pipeline(transaction=False)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._queue.redis, name)
@@ -507,7 +531,7 @@ class FencedWorker(Worker):
 
     - Claims in one script, up to its free slots, leased at once (``QueueStore.claim``), where arq
       claims one job per WATCH/MULTI and leaves a claimed job unguarded until it ends.
-    - The transaction arq opens to start each job runs as one coalesced script (``_RunJobTransaction``).
+    - The transaction arq opens to start each job is answered from the claim (``_RunJobTransaction``).
     - Idle, it waits for ``wake`` (set on a submit and when a job ends) or ``poll_delay_s``.
     - Finishing a job drops its lease in the same step as arq's clean-up; a job arq gives up on
       (expired in the queue, unreadable) is first handed to ``on_given_up`` to be ended.
@@ -534,7 +558,9 @@ class FencedWorker(Worker):
         **kwargs: Any,
     ) -> None:
         super().__init__(redis_pool=queue.redis, poll_delay=0, **kwargs)
-        self._pool = _WorkerPool(queue)  # type: ignore[assignment]  # arq's client, less its per-job transaction
+        self._claimed: dict[str, Claimed] = {}
+        """Jobs claimed whose run_job has not read its claim yet (``_RunJobTransaction``)."""
+        self._pool = _WorkerPool(queue, self._claimed)  # type: ignore[assignment]  # arq's client, less its transaction
         self.queue = queue
         self._lease_ms = lease_ms
         self._wake = wake
@@ -563,7 +589,7 @@ class FencedWorker(Worker):
             if not task.cancelled() and task.exception() is not None:
                 # arq would re-raise it here and end the worker; the job's lease lapses instead.
                 logger.error("job %s: arq's run_job failed", job_id, exc_info=task.exception())
-        taken: list[tuple[str, int]] = []
+        taken: list[Claimed] = []
         wanted = min(self.max_jobs - len(self.tasks), CLAIM_BATCH)
         self._drained = False
         if self.allow_pick_jobs and wanted > 0:
@@ -581,9 +607,10 @@ class FencedWorker(Worker):
                 logger.warning("polling the queue failed (%s); again in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 return
-        for job_id, score in taken:
-            self._scores[job_id] = score
-            task = self.loop.create_task(self.run_job(job_id, score), name=job_id)
+        for claim in taken:
+            job_id = claim.job_id
+            self._scores[job_id], self._claimed[job_id] = claim.score, claim
+            task = self.loop.create_task(self.run_job(job_id, claim.score), name=job_id)
             task.add_done_callback(self._slot_free)
             self.tasks[job_id] = task
         await self.heart_beat()
@@ -593,6 +620,7 @@ class FencedWorker(Worker):
 
     def _slot_free(self, task: asyncio.Task[None]) -> None:
         self._finished.append(task)
+        self._claimed.pop(task.get_name(), None)  # a task cancelled before it started
         if not self._drained:
             self._wake.set()  # jobs may be waiting for this slot: look at the queue now
 
