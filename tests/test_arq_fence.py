@@ -66,6 +66,23 @@ def test_the_job_payload_is_arqs_format() -> None:
     )
 
 
+def test_arq_does_not_format_a_jobs_whole_request_as_it_starts_it() -> None:
+    """arq's run_job builds a log line of every job's arguments (their repr, cut to 80 characters)
+    whether or not it is logged: the request comes out of the payload with a repr of a few words,
+    and is otherwise the same dict."""
+    from arq.jobs import deserialize_job_raw
+    from arq.utils import args_to_string
+
+    from shared import jsonutil
+
+    request = {"model": "m", "messages": [{"role": "user", "content": "word " * 20_000}]}
+    raw = queue.payload(endpoint="chat.completions", request=request, tenant=None, enqueue_time_ms=1)
+    _, args, kwargs, _, _ = deserialize_job_raw(raw, deserializer=queue.deserialize)
+    assert kwargs["request"] == request and jsonutil.dumps(kwargs["request"]) == jsonutil.dumps(request)
+    assert repr(kwargs["request"]) == "<request: 2 fields>"
+    assert "word" not in args_to_string(args, kwargs)
+
+
 async def test_run_jobs_transaction_through_the_fence_answers_as_arqs_own(redis_url: str) -> None:
     """arq's run_job opens a transaction as each job starts (GET its entry, INCR and EXPIRE its try
     counter); the fence's claim reads and counts the same, and the transaction answers from it:
