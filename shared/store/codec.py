@@ -112,10 +112,10 @@ def _varint(value: int) -> bytes:
 
 def _varints(*values: int) -> bytes:
     """The values as consecutive varints (a delta's header)."""
-    try:
-        return b"".join([_VARINTS[value] for value in values])
-    except IndexError:  # one is 4,096 or more
-        return b"".join([_varint(value) for value in values])
+    out = b""
+    for value in values:
+        out += _VARINTS[value] if value < 4096 else _varint(value)
+    return out
 
 
 _VARINTS: Final = tuple(_varint(value) for value in range(4096))
