@@ -15,7 +15,8 @@ key                         type         role                                   
                                          request body, tenant, enqueue time      queue expiry)      deletes it at
                                                                                                     the job's end
 ``arq:in-progress:<id>``    string       arq's claim marker                      job timeout + 10 s claim; finish
-``arq:retry:<id>``          string       arq's count of runs of the job          88,400 s (arq)     arq's run_job
+``arq:retry:<id>``          string       arq's count of runs of the job          88,400 s (arq)     claim (for arq's
+                                         (counted as a claim takes the job)                         run_job)
 ``arq:queue:health-check``  string       arq's own health line                   1 h (arq)          arq
 ``arq:abort``               sorted set   arq's jobs to abort (the fleet cancels  none               no one; finish
                                          its own way: only cleared, as arq does)                    clears an id
