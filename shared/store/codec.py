@@ -55,8 +55,6 @@ RawEntry = tuple[bytes, Fields]
 """An entry as redis-py returns it from XRANGE/XREAD: its id and its fields."""
 Position = tuple[int, int]
 
-_SMALL: Final = tuple(bytes((value,)) for value in range(0x80))
-
 
 def encode(type: str, data: Any) -> Fields:
     """The entry fields of a non-delta event."""
@@ -100,8 +98,6 @@ def parse_id(entry_id: bytes | str) -> Position:
 
 
 def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return _SMALL[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
