@@ -125,9 +125,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
-        waiter = self._waiter  # _wake(), inlined: once per upstream event
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -166,11 +164,7 @@ class _Connection(asyncio.Protocol):
                 raise self.error
             if self.complete:
                 return None
-            waiter = self._waiter = self._loop.create_future()  # _wait(), inlined: once per upstream event
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self._wait()
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
