@@ -3,6 +3,7 @@ the entry format, compact deltas."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -82,6 +83,34 @@ async def test_a_claim_takes_due_jobs_off_the_queue_and_leases_them(stores: Stor
     assert not sync_redis.exists(keys.arq_job("a")) and sync_redis.zscore(keys.QUEUE, "a") is None
     assert sync_redis.zscore(keys.QUEUE, "b") is not None and sync_redis.exists(keys.arq_job("b"))
     assert sync_redis.zrange(keys.RUNNING, 0, -1) == [b"c"]
+
+
+async def test_submits_wake_the_workers_once_per_claim(stores: Stores, sync_redis: redis.Redis) -> None:
+    """Every worker receives every wake: a burst of submits publishes one until a claim looks at the
+    queue, and the first submit after a claim publishes again (or, with no claim, after the TTL)."""
+
+    def wakes() -> list[bytes]:
+        received = []
+        while (message := subscriber.get_message(timeout=0.2)) is not None:
+            received.append(message["data"])
+        return received
+
+    subscriber = sync_redis.pubsub(ignore_subscribe_messages=True)
+    subscriber.subscribe(keys.QUEUED_CHANNEL)
+    subscriber.get_message(timeout=1)  # the subscription's confirmation
+    for job_id in ("a", "b", "c"):
+        await submit(stores, job_id)
+    assert wakes() == [b"a"]
+    await claim(stores, "a", "b", "c")
+    assert not sync_redis.exists(keys.WAKE_PENDING)
+    await submit(stores, "d")
+    await submit(stores, "e")
+    assert wakes() == [b"d"]
+    sync_redis.pexpire(keys.WAKE_PENDING, 1)  # as if the wake were lost and no worker claimed
+    await asyncio.sleep(0.01)
+    await submit(stores, "f")
+    assert wakes() == [b"f"]
+    subscriber.close()
 
 
 async def test_only_the_attempt_that_owns_the_job_can_end_it(stores: Stores) -> None:

@@ -32,6 +32,9 @@ key                         type         role                                   
                                          the gateway's ``/v1/models``                               5 min
 ``sf:cancel``               channel      a cancel names its job id               -                  cancel
 ``sf:queued``               channel      a submit names its job id               -                  submit
+``sf:queued:pending``       string       a wake is on its way and no claim has   1 s                submit (with
+                                         looked at the queue since: a submit                        its wake);
+                                         need not publish                                           claim deletes
 =========================== ============ ======================================= ================== ==============
 
 **The stream store** (``STREAMFLEET_STREAM_REDIS_URL``; ``store.streams``, or ``store.cluster`` on a

@@ -42,6 +42,10 @@ CANCEL_CHANNEL: Final = "sf:cancel"
 """Pub/sub channel on which a cancel request names its job id, so the worker that holds it acts at once."""
 QUEUED_CHANNEL: Final = "sf:queued"
 """Pub/sub channel a submit publishes on, so an idle worker takes the job now, not at its next poll."""
+WAKE_PENDING: Final = "sf:queued:pending"
+"""Set (NX, with a short TTL) by the publish on ``QUEUED_CHANNEL``, deleted by every claim: while it
+is there a wake is on its way and no claim has looked at the queue since, so a submit need not
+publish again. One wake per claim instead of one per submit, each received by every worker."""
 
 
 def arq_job(job_id: str) -> str:

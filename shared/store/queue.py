@@ -59,10 +59,25 @@ local function now_ms()
 end
 """
 
-# KEYS: idempotency key or "", arq job, arq queue. ARGV: job id, payload, job ttl ms, score ms,
-# idempotency ttl s, the channel that wakes idle workers, arq's job key prefix.
+WAKE_PENDING_MS: Final = 1000
+"""How long a wake published stops the next ones (``keys.WAKE_PENDING``) if no claim follows it: all
+workers busy or gone, or the message lost (an idle worker's own poll, every ``poll_delay_seconds``,
+claims meanwhile)."""
+
+# Publishes a job id on the channel that wakes idle workers, unless a wake is already on its way
+# and no claim has looked at the queue since it left (the claim deletes the pending key first).
+_WAKE = f"""
+local function wake(pending, channel, id)
+  if redis.call('SET', pending, '1', 'NX', 'PX', {WAKE_PENDING_MS}) then redis.call('PUBLISH', channel, id) end
+end
+"""
+
+# KEYS: idempotency key or "", arq job, arq queue, wake pending. ARGV: job id, payload, job ttl ms,
+# score ms, idempotency ttl s, the channel that wakes idle workers, arq's job key prefix.
 # Returns {job id, 1 if arq still has the job}: a key used before returns the first job's id.
-_ENQUEUE = Lua("""
+_ENQUEUE = Lua(
+    _WAKE
+    + """
 if KEYS[1] ~= '' then
   local existing = redis.call('GET', KEYS[1])
   if existing then return {existing, redis.call('EXISTS', ARGV[7] .. existing)} end
@@ -70,11 +85,12 @@ if KEYS[1] ~= '' then
 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-redis.call('PUBLISH', ARGV[6], ARGV[1])
+wake(KEYS[4], ARGV[6], ARGV[1])
 return {ARGV[1], 1}
-""")
+"""
+)
 
-# KEYS: arq queue, leases. ARGV: how many, lease ms, in-progress ms, arq's prefixes of in-progress,
+# KEYS: arq queue, leases, wake pending. ARGV: how many, lease ms, in-progress ms, arq's prefixes of in-progress,
 # job and try-counter keys, the counter's TTL (s).
 # Takes the first due jobs off the queue, marks them in progress (arq's marker) and leases them, in
 # one step; and reads and counts what arq's run_job would read and count as each starts (its entry,
@@ -86,6 +102,7 @@ _CLAIM = Lua(
     + _NOW_MS
     + """
 local now = now_ms()
+redis.call('DEL', KEYS[3])  -- the queue is looked at: a submit from now on wakes the workers again
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
 local lease_end = now + tonumber(ARGV[2])
 local taken = {}
@@ -126,13 +143,15 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumb
 """
 )
 
-# KEYS: leases, arq queue, arq job, arq in-progress. ARGV: job id, the channel that wakes idle workers.
+# KEYS: leases, arq queue, arq job, arq in-progress, wake pending. ARGV: job id, the channel that wakes
+# idle workers.
 # A held job whose lease lapsed goes back to the queue, due now (and idle workers are woken):
 # 'requeued'; 'alive' if the lease was renewed meanwhile; 'lost' if arq no longer has the job (it
 # can never run: the caller ends it).
 _REQUEUE = Lua(
     _ALLOW_OOM
     + _NOW_MS
+    + _WAKE
     + """
 local now = now_ms()
 local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -141,17 +160,18 @@ if redis.call('EXISTS', KEYS[3]) == 0 then return 'lost' end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[4])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
-redis.call('PUBLISH', ARGV[2], ARGV[1])
+wake(KEYS[5], ARGV[2], ARGV[1])
 return 'requeued'
 """
 )
 
-# KEYS: arq in-progress, arq job, arq retry, arq queue, leases, arq abort. ARGV: job id, when to run
+# KEYS: arq in-progress, arq job, arq retry, arq queue, leases, arq abort, wake pending. ARGV: job id, when to run
 # it again (ms; "now"; or "" when it is finished), the channel that wakes idle workers.
 # arq's finish_job (a MULTI of the same commands), and the lease goes in the same step.
 _FINISH = Lua(
     _ALLOW_OOM
     + _NOW_MS
+    + _WAKE
     + """
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
@@ -162,7 +182,7 @@ if ARGV[2] == '' then
 else
   local at = ARGV[2] == 'now' and now_ms() or tonumber(ARGV[2])
   redis.call('ZADD', KEYS[4], at, ARGV[1])
-  redis.call('PUBLISH', ARGV[3], ARGV[1])
+  wake(KEYS[7], ARGV[3], ARGV[1])
 end
 return 1
 """
@@ -263,7 +283,12 @@ class QueueStore:
         """
         reply = await self._calls.run(
             _ENQUEUE,
-            keys=[keys.idempotency(idempotency_key) if idempotency_key else "", keys.arq_job(job_id), keys.QUEUE],
+            keys=[
+                keys.idempotency(idempotency_key) if idempotency_key else "",
+                keys.arq_job(job_id),
+                keys.QUEUE,
+                keys.WAKE_PENDING,
+            ],
             args=[
                 job_id,
                 payload,
@@ -280,7 +305,7 @@ class QueueStore:
         """Take up to ``limit`` due jobs for this worker, leased, each with its try counted."""
         reply = await self._calls.run(
             _CLAIM,
-            keys=[keys.QUEUE, keys.RUNNING],
+            keys=[keys.QUEUE, keys.RUNNING, keys.WAKE_PENDING],
             args=[
                 limit,
                 lease_ms,
@@ -304,7 +329,7 @@ class QueueStore:
         """Send a job whose lease lapsed back to the queue: ``requeued``, ``alive`` or ``lost``."""
         result = await self._calls.run(
             _REQUEUE,
-            keys=[keys.RUNNING, keys.QUEUE, keys.arq_job(job_id), keys.arq_in_progress(job_id)],
+            keys=[keys.RUNNING, keys.QUEUE, keys.arq_job(job_id), keys.arq_in_progress(job_id), keys.WAKE_PENDING],
             args=[job_id, keys.QUEUED_CHANNEL],
         )
         return _text(result)
@@ -321,6 +346,7 @@ class QueueStore:
                 keys.QUEUE,
                 keys.RUNNING,
                 keys.ARQ_ABORT,
+                keys.WAKE_PENDING,
             ],
             args=[job_id, "" if again_at_ms is None else again_at_ms, keys.QUEUED_CHANNEL],
         )
