@@ -383,3 +383,42 @@ async def test_an_upstream_behind_an_environment_proxy_is_reached_through_it(mon
             async with upstream.open("chat.completions", request):
                 pass
         await upstream.aclose()
+
+
+async def test_the_upstream_request_carries_the_head_httpx_would_give_it() -> None:
+    """The worker builds its request from a stream of the body (no header merging a job): its head
+    still names the host, the body's length and the key, as a request httpx builds from content."""
+    heads: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(chunked(b"data: [DONE]\n\n"))
+        await writer.drain()
+
+    async with server(upstream) as (port, _):
+        settings = Settings(
+            upstream_base_url=f"http://127.0.0.1:{port}/v1", upstream_api_key="sk-test", redis_url="redis://127.0.0.1:1"
+        )
+        worker_upstream = Upstream(settings)
+        async with worker_upstream.open("chat.completions", {"model": "m", "messages": []}) as events:
+            assert [event.data async for event in events] == [b"[DONE]"]
+        await worker_upstream.aclose()
+        # The request as httpx builds it from content=, through the same transport.
+        transport = StreamingTransport()
+        headers = {name: value for name, value in worker_upstream._headers.items() if name != "host"}
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = heads[0].split(b"\r\n\r\n", 1)[1]
+        response = await transport.handle_async_request(httpx.Request("POST", url, headers=headers, content=body))
+        await response.aclose()
+        await transport.aclose()
+
+    def fields(request: bytes) -> dict[bytes, bytes]:
+        lines = request.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+        return {name.lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines)}
+
+    ours, httpx_own = fields(heads[0]), fields(heads[1])
+    assert heads[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert ours == httpx_own
+    assert ours[b"host"] == b"127.0.0.1:%d" % port and ours[b"authorization"] == b"Bearer sk-test"
+    assert int(ours[b"content-length"]) == len(heads[0].split(b"\r\n\r\n", 1)[1])
