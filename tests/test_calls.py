@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ResponseError
 
 from shared.store import calls
@@ -30,13 +30,13 @@ async def test_a_turns_calls_leave_in_one_write_and_each_gets_its_own_reply(
     client: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[int] = []
-    send = calls.send_packed
+    exchange = calls._exchange
 
-    async def counted(redis: Redis, payload: bytes, replies: int) -> list[object]:
+    async def counted(connection: object, payload: bytes, replies: int) -> list[object]:
         writes.append(replies)
-        return await send(redis, payload, replies)
+        return await exchange(connection, payload, replies)
 
-    monkeypatch.setattr(calls, "send_packed", counted)
+    monkeypatch.setattr(calls, "_exchange", counted)
     coalesced = Calls(client)
     await coalesced.run(ECHO, keys=["warm"], args=[0])  # Redis learns the script (NOSCRIPT, load, again)
     writes.clear()
@@ -82,3 +82,45 @@ async def test_a_lost_connection_fails_the_batch_and_the_next_call_reconnects(cl
     outcome = await asyncio.gather(coalesced.run(ECHO, keys=["k"], args=["lost"]), return_exceptions=True)
     assert outcome == [[b"k", b"lost"]] or isinstance(outcome[0], redis.exceptions.ConnectionError)
     assert await coalesced.run(ECHO, keys=["k"], args=["after"]) == [b"k", b"after"]
+
+
+async def test_a_line_keeps_its_connection_while_used_and_checks_one_after_a_pause(
+    client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flusher's batches share one connection, lent once (the pool checks each it lends: a read
+    with a zero timeout); after a pause the connection goes back and the next is lent checked, so a
+    connection closed while idle (a proxy's idle timeout, here CLIENT KILL) costs no error."""
+    lent: list[int] = []
+    get_connection = client.connection_pool.get_connection
+
+    async def counted() -> object:
+        lent.append(1)
+        return await get_connection()
+
+    monkeypatch.setattr(client.connection_pool, "get_connection", counted)
+    line = calls.Line(client)
+    client_id = calls.resp([b"CLIENT", b"ID"])
+    ids = {(await line.send_packed(client_id, 1))[0] for _ in range(20)}
+    assert len(ids) == 1 and len(lent) == 1
+
+    # Two users at once: the second borrows a connection of its own; both get their own replies.
+    echoes = await asyncio.gather(*(line.send_packed(calls.resp([b"ECHO", b"%d" % i]), 1) for i in range(2)))
+    assert echoes == [[b"0"], [b"1"]]
+
+    monkeypatch.setattr(calls, "HOLD_IDLE_S", 0.05)
+    (kept,) = ids
+    await client.execute_command("CLIENT", "KILL", "ID", kept)
+    await asyncio.sleep(0.1)
+    assert await line.send_packed(calls.resp([b"ECHO", b"after"]), 1) == [b"after"]
+    assert (await line.send_packed(client_id, 1))[0] != kept
+
+
+async def test_a_line_on_a_bounded_pool_keeps_nothing(redis_url: str) -> None:
+    """A bounded pool's connections are for whoever waits: a line borrows one per batch."""
+    bounded = Redis.from_pool(BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=1))
+    try:
+        line = calls.Line(bounded)
+        assert await line.send_packed(calls.resp([b"ECHO", b"x"]), 1) == [b"x"]
+        assert await bounded.echo("free") == b"free"  # the one connection is back in the pool
+    finally:
+        await bounded.aclose()

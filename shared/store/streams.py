@@ -26,7 +26,7 @@ from redis.exceptions import NoScriptError
 from .. import jsonutil
 from ..models import TERMINAL_TYPES, make_error
 from . import keys
-from .calls import Calls, Lua, resp, send_packed
+from .calls import Calls, Line, Lua, resp, send_packed
 from .codec import D, Decoder, DeltaEncoder, Entry, Fields, Position, RawEntry, T, is_terminal
 
 # Scripts that end a job, or keep its end possible, are flagged allow-oom: a job's end is written even
@@ -273,6 +273,7 @@ class StreamStore:
         self.redis = redis
         self.ttl_seconds = ttl_seconds
         self._calls = Calls(redis)
+        self._appends = Line(redis)  # the writer's flushes: one at a time
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -389,10 +390,10 @@ class StreamStore:
         Redis refused (the attempt is fenced or its stream gone), those it had no memory for, and the
         bytes sent."""
         payload = pack_append(_APPEND, batch)
-        (reply,) = await send_packed(self.redis, payload, 1)
+        (reply,) = await self._appends.send_packed(payload, 1)
         if isinstance(reply, NoScriptError):
             await self.redis.script_load(_APPEND.source)  # Redis restarted and forgot it
-            (reply,) = await send_packed(self.redis, payload, 1)
+            (reply,) = await self._appends.send_packed(payload, 1)
         if isinstance(reply, Exception):
             raise reply
         refused, full = reply
