@@ -158,7 +158,7 @@ class Line:
     """
 
     def __init__(self, redis: Redis) -> None:
-        self._redis = redis  # its pool is looked up when used: a cluster client has none (and no Line)
+        self._redis = redis  # its pool is looked up when used: a cluster client has none (its store sends elsewhere)
         self._connection: Any = None
         self._last_used = 0.0
         self._busy = False

@@ -90,8 +90,8 @@ return {ARGV[1], 1}
 """
 )
 
-# KEYS: arq queue, leases, wake pending. ARGV: how many, lease ms, in-progress ms, arq's prefixes of in-progress,
-# job and try-counter keys, the counter's TTL (s).
+# KEYS: arq queue, leases, wake pending. ARGV: how many, lease ms, in-progress ms, arq's prefixes of
+# in-progress, job and try-counter keys, the counter's TTL (s).
 # Takes the first due jobs off the queue, marks them in progress (arq's marker) and leases them, in
 # one step; and reads and counts what arq's run_job would read and count as each starts (its entry,
 # its try), so that starting it costs no round trip of its own (``FencedWorker``). Returns id, score,
@@ -165,8 +165,8 @@ return 'requeued'
 """
 )
 
-# KEYS: arq in-progress, arq job, arq retry, arq queue, leases, arq abort, wake pending. ARGV: job id, when to run
-# it again (ms; "now"; or "" when it is finished), the channel that wakes idle workers.
+# KEYS: arq in-progress, arq job, arq retry, arq queue, leases, arq abort, wake pending. ARGV: job id,
+# when to run it again (ms; "now"; or "" when it is finished), the channel that wakes idle workers.
 # arq's finish_job (a MULTI of the same commands), and the lease goes in the same step.
 _FINISH = Lua(
     _ALLOW_OOM
