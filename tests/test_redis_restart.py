@@ -39,7 +39,13 @@ class RestartableRedis:
             stderr=subprocess.DEVNULL,
         )
         wait_until(lambda: port_open(self.port), what="Redis to listen")
-        wait_until(lambda: redis.Redis.from_url(self.url).ping(), what="Redis to load its data")
+        wait_until(self._loaded, what="Redis to load its data")
+
+    def _loaded(self) -> bool:
+        try:
+            return bool(redis.Redis.from_url(self.url).ping())
+        except redis.exceptions.BusyLoadingError:  # still reading its AOF: not yet
+            return False
 
     def kill(self) -> None:
         assert self.process is not None
