@@ -47,10 +47,22 @@ class LocalCluster:
         return False
 
 
+def _distinct_ports(count: int) -> list[int]:
+    """Free ports, no two alike: ``free_port`` may return a port it returned before (a probed port is
+    free again), and a node whose bus took another node's client port resets that node's commands."""
+    ports: list[int] = []
+    while len(ports) < count:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    return ports
+
+
 @contextlib.contextmanager
 def local_cluster(directory: Path, *, primaries: int = 3, replicas_each: int = 1) -> Iterator[LocalCluster]:
+    nodes = primaries * (1 + replicas_each)
+    ports = _distinct_ports(2 * nodes)  # each node's client port, then each node's bus port
     cluster = LocalCluster(
-        [free_port() for _ in range(primaries)], [free_port() for _ in range(primaries * replicas_each)]
+        ports[:primaries], ports[primaries:nodes], bus_ports=dict(zip(ports[:nodes], ports[nodes:], strict=True))
     )
     try:
         for port in cluster.primaries + cluster.replicas:
@@ -64,7 +76,7 @@ def local_cluster(directory: Path, *, primaries: int = 3, replicas_each: int = 1
                     "--cluster-node-timeout",
                     "2000",
                     "--cluster-port",
-                    str(cluster.bus_ports.setdefault(port, free_port())),
+                    str(cluster.bus_ports[port]),
                 ),
             ]
             cluster.processes[port] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
