@@ -18,9 +18,10 @@ import pytest
 import redis
 
 from producer import FleetClient
-from producer.gateway.fanout import FanOut, ReadFailed
+from producer.gateway.fanout import FanOut, ReadFailed, StreamGone, Subscriber
 from shared.models import CANCELLED, DONE, ERROR, STARTED
 from shared.store import Entry, RawEntry, StreamReader, StreamStore, keys
+from shared.store.connect import BLOCK_MS
 from shared.tasks import RESTART_AFTER_S, Supervised
 from simulator import expected_text
 from tests.conftest import (
@@ -303,11 +304,13 @@ async def test_the_gateway_forwards_the_stored_bytes_and_its_wake_streams_expire
     assert wakes and all(0 < stream_redis.ttl(key) <= 600 for key in wakes)
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["queued", "written-directly"])
 async def test_a_fanout_read_that_fails_ends_only_the_stream_that_caused_it(
-    fleet: FleetClient, start_worker: WorkerFactory
+    fleet: FleetClient, start_worker: WorkerFactory, direct: bool
 ) -> None:
     """Whatever makes the shared XREAD fail (here a cursor Redis refuses, slipped past the checks as a
-    bug would), the reader finds the stream that caused it, ends that one's subscribers, and goes on."""
+    bug would), the reader finds the stream that caused it, ends that one's subscribers, and goes on;
+    also for subscribers the reader writes to directly (the gateway's caught-up ones)."""
     start_worker()
     healthy = await fleet.submit(chat("shared reader, healthy", tokens=80, tps=40))
     poisoned = await fleet.submit(chat("shared reader, poisoned", tokens=10, ttft_ms=3000))  # quiet a while
@@ -316,7 +319,17 @@ async def test_a_fanout_read_that_fails_ends_only_the_stream_that_caused_it(
     try:
 
         async def read(job_id: str) -> list[str]:
-            return [entry.id async for entry in fanout.events(job_id) if entry is not None]
+            written: list[str] = []
+
+            def write(entry: Entry | None) -> bool:
+                if entry is not None:
+                    written.append(entry.id)
+                return True
+
+            async for entry in fanout.events(job_id, direct=write if direct else None):
+                if entry is not None:
+                    written.append(entry.id)
+            return written
 
         reading = asyncio.create_task(read(healthy))
         failing = asyncio.create_task(read(poisoned))
@@ -328,6 +341,39 @@ async def test_a_fanout_read_that_fails_ends_only_the_stream_that_caused_it(
             await asyncio.wait_for(failing, timeout=10)
         assert await asyncio.wait_for(reading, timeout=30) == [event.id for event in await history(fleet, healthy)]
         assert fanout.tasks.healthy and fanout.tasks.restarts == 0
+    finally:
+        await fanout.aclose()
+
+
+async def test_a_stream_that_expires_under_a_caught_up_subscriber_ends_it(
+    fleet: FleetClient, stream_redis: redis.Redis
+) -> None:
+    """A stream that vanishes while its subscriber waits, caught up (the reader writes to it directly),
+    ends that subscriber with ``StreamGone`` at the reader's next idle check, instead of leaving it
+    waiting for events that will never come."""
+    job_id = await fleet.submit(chat("expires while followed"))  # no worker: only its queued event
+    fanout = FanOut(fleet.stores.streams, readers=1, ping_interval=60)
+    fanout.start()
+    follows = fanout._readers[0].follows
+
+    async def read() -> None:
+        async for _ in fanout.events(job_id, direct=lambda entry: True):
+            pass
+
+    def caught_up() -> Subscriber | None:  # it has its queued event, and the reader writes to it
+        subscribers = list(follows[job_id].subscribers) if job_id in follows else []
+        return next((s for s in subscribers if s.direct is not None and s.last > (0, 0)), None)
+
+    try:
+        reading = asyncio.create_task(read())
+        for _ in range(100):
+            if caught_up() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert caught_up() is not None
+        stream_redis.delete(keys.events(job_id))
+        with pytest.raises(StreamGone):
+            await asyncio.wait_for(reading, timeout=BLOCK_MS / 1000 + 5)
     finally:
         await fanout.aclose()
 

@@ -101,30 +101,44 @@ class Subscriber:
         self.direct: Direct | None = None
         """Set while the subscriber is caught up: the reader writes to it without waking its task."""
 
-    def offer(self, entry: Entry | None) -> bool:
-        """Hand over an event (``None``: a ping); True when it was written at once."""
+    def offer(self, entry: Entry | None, now: float) -> bool:
+        """Hand over an event (``None``: a ping) at ``now`` (``time.monotonic()``, read once for
+        all the subscribers it goes to); True when it was written at once."""
         if self.dropped:
             return False
-        self.last_offer = time.monotonic()
+        self.last_offer = now
         direct = self.direct
         if direct is not None:
-            if entry is not None and entry.position <= self.last:
-                return False  # caught up through the catch-up read already
-            if direct(entry):
-                if entry is not None:
-                    self.last = entry.position
+            if entry is None:
+                if direct(None):
+                    return True
+            else:
+                position = entry.position
+                if position <= self.last:
+                    return False  # caught up through the catch-up read already
+                if direct(entry):
+                    self.last = position
                     if entry.terminal:
                         self.direct = None
                         self.queue.put_nowait(_END)
-                return True
+                    return True
             self.direct = None  # paused or gone: its task takes over from the queue
+        self._put(entry)
+        return False
+
+    def stop(self, why: Entry) -> None:
+        """End this subscriber's stream (``_GONE``, ``_FAILED``): its task takes over from the queue
+        and raises, whether or not the reader was writing to it directly."""
+        self.direct = None
+        self._put(why)
+
+    def _put(self, entry: Entry | None) -> None:
         try:
             self.queue.put_nowait(entry)
         except asyncio.QueueFull:
             self.dropped = True
             self.queue = asyncio.Queue(1)  # frees the backlog; the consumer sees `dropped`
             self.queue.put_nowait(entry)
-        return False
 
 
 class _Follow:
@@ -142,10 +156,15 @@ class _Follow:
 
     def offer(self, entry: Entry) -> None:
         written = 0
+        now = time.monotonic()
         for subscriber in self.subscribers:
-            written += subscriber.offer(entry)
+            written += subscriber.offer(entry, now)
         if written:
             metrics.EVENTS_SENT.inc(written)  # once an event, not once a subscriber: a counter takes a lock
+
+    def stop(self, why: Entry) -> None:
+        for subscriber in self.subscribers:
+            subscriber.stop(why)
 
 
 class _Reader:
@@ -196,7 +215,7 @@ class _Reader:
                 "fan-out %s: job %s's entries cannot be read; its subscribers are ended", self.name, job_id
             )
             if self.follows.get(job_id) is follow:
-                follow.offer(_FAILED)
+                follow.stop(_FAILED)
                 self.forget(job_id, follow)
             return
         if self.follows.get(job_id) is not follow:
@@ -221,7 +240,7 @@ class _Reader:
                 logger.warning(
                     "fan-out %s: job %s's stream cannot be read (%s); its subscribers are ended", self.name, job_id, exc
                 )
-                follow.offer(_FAILED)
+                follow.stop(_FAILED)
                 self.forget(job_id, follow)
 
     def forget(self, job_id: str, follow: _Follow) -> None:
@@ -240,7 +259,7 @@ class _Reader:
         for job_id, exists in zip(job_ids, present, strict=True):
             follow = self.follows.get(job_id)
             if not exists and follow is not None:
-                follow.offer(_GONE)
+                follow.stop(_GONE)
                 self.forget(job_id, follow)
 
 
@@ -275,12 +294,13 @@ class FanOut:
     async def _ping(self) -> None:
         while True:
             await asyncio.sleep(self.ping_interval / 2)
-            quiet_since = time.monotonic() - self.ping_interval
+            now = time.monotonic()
+            quiet_since = now - self.ping_interval
             for reader in self._readers:
                 for follow in list(reader.follows.values()):
                     for subscriber in follow.subscribers:
                         if subscriber.last_offer < quiet_since:
-                            subscriber.offer(None)
+                            subscriber.offer(None, now)
 
     @property
     def subscribers(self) -> int:

@@ -83,7 +83,8 @@ class _FrameCache:
         return self._both(job_id, entry)[0]
 
     def chunk(self, job_id: str, entry: Entry) -> bytes:
-        return self._both(job_id, entry)[1]
+        last, frames = self._last
+        return frames[1] if entry is last else self._both(job_id, entry)[1]  # once per subscriber: no call
 
 
 PING_CHUNK = b"%x\r\n%b\r\n" % (len(PING), PING)

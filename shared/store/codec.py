@@ -266,11 +266,13 @@ class Entry:
     reader that forwards events (the gateway) never parses them.
     """
 
-    __slots__ = ("_data", "_position", "attempt", "body", "id", "type")
+    __slots__ = ("_data", "_position", "attempt", "body", "id", "terminal", "type")
 
     def __init__(self, id: str, type: str, attempt: int, body: bytes) -> None:
         self.id = id
         self.type = type
+        self.terminal = type in TERMINAL_TYPES
+        """Whether this is the job's last event (an attribute: a fan-out asks once per subscriber)."""
         self.attempt = attempt
         """The attempt of a delta; 0 for other events."""
         self.body = body
@@ -283,10 +285,6 @@ class Entry:
         if self._position is None:
             self._position = parse_id(self.id)
         return self._position
-
-    @property
-    def terminal(self) -> bool:
-        return self.type in TERMINAL_TYPES
 
     @property
     def data(self) -> Any:
