@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from producer import FleetClient
-from producer.gateway.fanout import FanOut
+from producer.fanout import FanOut
 from shared.models import DELTA
 from shared.ports import free_port, wait_for_port
 from shared.settings import Settings

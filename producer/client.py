@@ -14,7 +14,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from types import TracebackType
 from typing import Any
 
@@ -34,7 +35,8 @@ from shared.store import (
     queue,
     stream_ttl_while_queued,
 )
-from shared.store.connect import BLOCK_MS
+
+from .fanout import FanOut, ReadFailed, SlowSubscriber, StreamGone
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ def check_job_id(job_id: str) -> None:
 
 
 READ_COUNT = 1000
+TAIL_BLOCK_MS = 1000
+"""How long the client's shared reader waits in one read: a tail that joins wakes it with a write,
+which a full Redis refuses; that tail's events then start at the next read, within this."""
 
 
 def status_of(last: Entry | Event) -> str:
@@ -82,6 +87,7 @@ class FleetClient:
             settings = settings.model_copy(update=overrides)
         self.settings = settings
         self._stores: Stores | None = None
+        self._fanout: FanOut | None = None
 
     async def __aenter__(self) -> FleetClient:
         await self.connect()
@@ -98,6 +104,9 @@ class FleetClient:
             self._stores = await open_stores(self.settings, name=self.name, max_connections=self.max_connections)
 
     async def aclose(self) -> None:
+        if self._fanout is not None:
+            await self._fanout.aclose()
+            self._fanout = None
         if self._stores is not None:
             await self._stores.aclose()
             self._stores = None
@@ -108,6 +117,29 @@ class FleetClient:
         if self._stores is None:
             raise StreamfleetError("the client is not connected: use 'async with FleetClient() as fleet'")
         return self._stores
+
+    @property
+    def fanout(self) -> FanOut:
+        """The shared readers every live ``tail`` and ``wait`` of this client takes its events from:
+        one blocked connection for all of them, however many jobs are followed (started on first use)."""
+        return self.start_fanout()
+
+    def start_fanout(
+        self,
+        *,
+        readers: int = 1,
+        ping_interval: float = 15.0,
+        sent: Callable[[int], object] | None = None,
+        block_ms: int = TAIL_BLOCK_MS,
+    ) -> FanOut:
+        """Start the client's shared readers with these options (``FanOut``), unless they run already;
+        the gateway's are its own subscribers' as well. They stop with the client."""
+        if self._fanout is None:
+            self._fanout = FanOut(
+                self.stores.streams, readers=readers, ping_interval=ping_interval, sent=sent, block_ms=block_ms
+            )
+            self._fanout.start()
+        return self._fanout
 
     async def submit(
         self,
@@ -193,21 +225,25 @@ class FleetClient:
             last = await self.last_event(job_id)
             if last.terminal and parse_id(last.id) <= position:
                 return
-        async for event in self._follow(job_id, after):
-            yield event
+        async with aclosing(self._follow(job_id, after)) as events:
+            async for event in events:
+                yield event
 
-    async def _follow(self, job_id: str, after: str) -> AsyncIterator[Event]:
-        """``tail`` past its checks: read after ``after``, live, until the terminal event. The first
-        read does not wait: a job with no stream is told at once."""
+    async def _follow(self, job_id: str, after: str) -> AsyncGenerator[Event, None]:
+        """``tail`` past its checks: the events after ``after``, live, until the terminal one.
+
+        What exists already is read here, in batches, without waiting: a job with no stream is told
+        at once, and deltas of an attempt known to be void in a batch are left out. The rest comes
+        from the client's shared readers (``fanout``); a tail that falls too far behind them
+        resumes after the last event it yielded, so nothing is missed or repeated.
+        """
         streams = self.stores.streams
         reader = streams.reader(job_id)
         cursor = after
         delay = 0.05
-        block_ms: int | None = None
         while True:
             try:
-                entries = await reader.decode(await streams.read(job_id, cursor, count=READ_COUNT, block_ms=block_ms))
-                block_ms = BLOCK_MS
+                entries = await reader.decode(await streams.range(job_id, cursor, count=READ_COUNT))
                 if not entries and not await streams.exists(job_id):
                     raise UnknownJob(job_id)
             except Unavailable as exc:
@@ -226,6 +262,24 @@ class FleetClient:
                 yield entry.event()
                 if entry.terminal:
                     return
+            if len(entries) < READ_COUNT:
+                break  # caught up
+        while True:
+            try:
+                async with aclosing(self.fanout.events(job_id, after=cursor)) as live:
+                    async for found in live:
+                        if found is None:
+                            continue  # a ping: for connections that need them, not for a tail
+                        cursor = found.id
+                        yield found.event()
+                        if found.terminal:
+                            return
+            except SlowSubscriber:
+                continue
+            except StreamGone:
+                raise UnknownJob(job_id) from None  # its retention time passed while it was followed
+            except ReadFailed:
+                raise StreamfleetError(f"job {job_id}'s events cannot be read") from None
 
     async def wait(self, job_id: str, *, timeout: float | None = None) -> Event:
         """Wait for the job's terminal event and return it; ``TimeoutError`` after ``timeout`` seconds."""
@@ -234,9 +288,10 @@ class FleetClient:
                 last = await self.last_event(job_id)
                 if last.terminal:
                     return last
-                async for event in self._follow(job_id, last.id):  # `last` already says it exists
-                    if event.terminal:
-                        return event
+                async with aclosing(self._follow(job_id, last.id)) as events:  # `last` says it exists
+                    async for event in events:
+                        if event.terminal:
+                            return event
         except TimeoutError:
             raise TimeoutError(f"job {job_id} did not end within {timeout} s") from None
         raise UnknownJob(job_id)  # the stream ended without a terminal event: it expired

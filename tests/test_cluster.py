@@ -23,7 +23,7 @@ import redis
 
 from bench.common import cpu_s
 from producer import FleetClient
-from producer.gateway.fanout import FanOut, ReadFailed
+from producer.fanout import FanOut, ReadFailed
 from shared.accumulate import delta_text
 from shared.models import CANCELLED, DONE, RETRY, TERMINAL_TYPES, Event
 from shared.ports import free_port, port_open

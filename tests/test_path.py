@@ -15,6 +15,7 @@ import uvloop
 from producer import FleetClient, InvalidRequest, JobCancelled, UnknownJob
 from shared.accumulate import delta_text
 from shared.models import CANCELLED, DELTA, DONE, QUEUED, RETRY, STARTED, Event
+from shared.settings import Settings
 from shared.store import keys
 from simulator import expected_text
 from tests.conftest import Simulator, WorkerFactory, stop_process, wait_until
@@ -55,6 +56,36 @@ async def test_subscribers_live_and_late_see_the_same_events(fleet: FleetClient,
     assert result["finish_reason"] == "stop"
     assert result["usage"]["completion_tokens"] == 40
     assert late[-1].data == {"result": result}
+
+
+async def test_live_tails_share_the_clients_reader(
+    settings: Settings, start_worker: WorkerFactory, stream_redis: redis.Redis
+) -> None:
+    """A client's live tails wait on its shared reader: 40 jobs followed at once hold one blocked
+    connection between them, not one each, and every tail still gets its whole stream."""
+    start_worker()
+    name = "shared-tails"
+    async with FleetClient(settings, name=name) as fleet:
+        ids = [await fleet.submit(chat(f"shared tail {i}", tokens=5, ttft_ms=2500)) for i in range(40)]
+        tails: list[asyncio.Task[list[Event]]] = []
+        for job_id in ids:  # one at a time: what each tail holds, not what a burst of reads borrows
+            first = asyncio.Event()
+
+            async def follow(job_id: str = job_id, first: asyncio.Event = first) -> list[Event]:
+                events = []
+                async for event in fleet.tail(job_id):
+                    events.append(event)
+                    first.set()
+                return events
+
+            tails.append(asyncio.create_task(follow()))
+            await asyncio.wait_for(first.wait(), timeout=10)
+        connections = [client for client in stream_redis.client_list() if client.get("name") == name]
+        assert not any(tail.done() for tail in tails)  # all of them live, waiting for tokens
+        # The reader's one, and the few the client's commands and scripts use: a handful, not one a tail.
+        assert len(connections) <= 8, [client["cmd"] for client in connections]
+        for job_id, events in zip(ids, await asyncio.wait_for(asyncio.gather(*tails), timeout=30), strict=True):
+            assert events == await collect(fleet, job_id) and events[-1].type == DONE
 
 
 async def test_tail_resumes_after_any_event(fleet: FleetClient, start_worker: WorkerFactory) -> None:

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from producer import FleetClient
-from producer.gateway.fanout import FanOut, ReadFailed, StreamGone, Subscriber
+from producer.fanout import FanOut, ReadFailed, StreamGone, Subscriber
 from shared.models import CANCELLED, DONE, ERROR, STARTED
 from shared.store import Entry, RawEntry, StreamReader, StreamStore, keys
 from shared.store.connect import BLOCK_MS

@@ -25,11 +25,12 @@ from shared import processes
 from shared.errors import InvalidRequest, JobEnded, StorageFull, UnknownJob
 from shared.settings import Settings
 from shared.store import OutOfMemory, StoreError
+from shared.store.connect import BLOCK_MS
 
 from ..client import FleetClient
+from ..fanout import READERS
 from . import jobs, metrics, openai
 from .auth import Auth
-from .fanout import READERS, FanOut
 from .state import Gateway
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,14 @@ def create_app(settings: Settings) -> FastAPI:
         # A bounded pool: the fan-out readers' blocked XREADs plus a few for requests, however many
         # subscribers there are.
         async with FleetClient(settings, name="streamfleet-gateway", max_connections=READERS + 4) as fleet:
-            fanout = FanOut(fleet.stores.streams, ping_interval=settings.gateway_ping_seconds)
-            fanout.start()
+            # The client's shared readers, started here with the gateway's options: its SSE
+            # subscribers and its waits for a result (non-streaming requests) take events from them.
+            fanout = fleet.start_fanout(
+                readers=READERS,
+                ping_interval=settings.gateway_ping_seconds,
+                sent=metrics.EVENTS_SENT.inc,
+                block_ms=BLOCK_MS,
+            )
             fanout.tasks.start("fan-out gauges", lambda: metrics.observe_fanout(fanout))
             app.state.gateway = Gateway(
                 fleet=fleet,
@@ -87,10 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
                 settings=settings,
             )
             processes.settle_garbage_collector()
-            try:
-                yield
-            finally:
-                await fanout.aclose()
+            yield  # the client stops its fan-out as it closes
 
     app = FastAPI(
         title="streamfleet gateway",

@@ -15,9 +15,9 @@ from shared.models import DELTA
 from shared.store import Entry, format_id, parse_id
 from shared.store import parse_cursor as check_cursor
 
+from ..fanout import Direct, ReadFailed, SlowSubscriber, StreamGone
 from . import metrics
 from .bodies import StrictJSONRoute
-from .fanout import Direct, ReadFailed, SlowSubscriber, StreamGone
 from .sse import CONNECTION, HEADERS, PING, Link, frame, sse_response
 from .state import Gateway, gateway_of
 

@@ -10,7 +10,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from .fanout import FanOut  # which counts its events here
+    from ..fanout import FanOut  # which counts its events here
 
 REQUESTS = Counter(
     "streamfleet_gateway_requests_total", "HTTP requests answered, by route and status", ["route", "status"]

@@ -27,9 +27,9 @@ from shared import jsonutil
 from shared.models import CANCELLED, DELTA, DONE, ERROR, RETRY, fleet_asks_usage
 from shared.store import Entry
 
+from ..fanout import ReadFailed, SlowSubscriber, StreamGone
 from . import metrics
 from .bodies import json_object
-from .fanout import ReadFailed, SlowSubscriber, StreamGone
 from .sse import PING, frame, sse_response
 from .state import Gateway, gateway_of
 

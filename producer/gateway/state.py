@@ -10,8 +10,8 @@ from shared.errors import UnknownJob
 from shared.settings import Settings
 
 from ..client import FleetClient, check_job_id
+from ..fanout import FanOut
 from .auth import Auth
-from .fanout import FanOut
 
 
 @dataclass

@@ -132,5 +132,6 @@ def job_of(events_key: bytes | str) -> str:
 
 
 def wake(gateway: str, index: int) -> str:
-    """A gateway fan-out reader's wake-up stream: written when a stream joins its XREAD."""
+    """A fan-out reader's wake-up stream (a gateway's, or a client's: the prefix is historical):
+    written when a stream joins its XREAD."""
     return f"sf:gateway:{gateway}:{index}"

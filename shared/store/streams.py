@@ -245,13 +245,16 @@ class Start(NamedTuple):
 
 
 class Wake:
-    """A gateway reader's wake-up stream, read beside the job streams it follows."""
+    """A fan-out reader's wake-up stream, read beside the job streams it follows."""
 
-    __slots__ = ("cursor", "key")
+    __slots__ = ("cursor", "key", "woken")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.cursor = "0-0"  # not "$": a wake written before the first XREAD must not be missed
+        self.woken = False
+        """A wake was written since the reader's current XREAD was sent: the next XREAD takes in every
+        stream that joins meanwhile, so one wake is enough for them all."""
 
 
 WAKE_TTL_S = 600
@@ -432,11 +435,6 @@ class StreamStore:
         entries: list[RawEntry] = await self.redis.xrevrange(keys.events(job_id), count=count)
         return entries
 
-    async def read(self, job_id: str, after: str, *, count: int, block_ms: int | None) -> list[RawEntry]:
-        """Entries after ``after``, waiting up to ``block_ms`` for the first (``None``: not at all)."""
-        response = await self.redis.xread({keys.events(job_id): after}, count=count, block=block_ms)
-        return response[0][1] if response else []
-
     def handle(self, job_id: str) -> str:
         """What ``follow`` knows a job's stream by."""
         return keys.events(job_id)
@@ -450,6 +448,7 @@ class StreamStore:
         :param cursors: each stream's position, by its ``handle`` (a reader keeps this map as it
             goes: with thousands of streams, rebuilding it for every read would cost more than the read).
         """
+        wake.woken = False  # before the request is built: a stream that joins after it wakes this read
         request: dict[Any, Any] = {**cursors, wake.key: wake.cursor}
         response = await self.redis.xread(request, count=count, block=block_ms)
         found: list[tuple[str, list[RawEntry]]] = []
@@ -464,11 +463,19 @@ class StreamStore:
         return Wake(keys.wake(gateway, index))
 
     async def wake(self, wake: Wake, handle: str) -> None:
-        """Wake the reader blocked on ``wake``: it now follows ``handle`` too."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(wake.key, {"w": "1"}, maxlen=1, approximate=False)
-            pipe.expire(wake.key, WAKE_TTL_S)
-            await pipe.execute()
+        """Wake the reader blocked on ``wake``: it now follows ``handle`` too. Once per read: a burst
+        of subscribers joining costs one write, not one each."""
+        if wake.woken:
+            return
+        wake.woken = True
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(wake.key, {"w": "1"}, maxlen=1, approximate=False)
+                pipe.expire(wake.key, WAKE_TTL_S)
+                await pipe.execute()
+        except BaseException:
+            wake.woken = False  # the next joiner tries again; the read ends by its block time anyway
+            raise
 
     async def drop_wakes(self, wakes: Iterable[Wake]) -> None:
         await self.redis.delete(*(wake.key for wake in wakes))

@@ -1,4 +1,5 @@
-"""One-connection fan-out: a few shared readers feed every SSE subscriber of a gateway process.
+"""One-connection fan-out: a few shared readers feed every subscriber of a process: the gateway's
+SSE responses, and the Python client's live tails.
 
 A subscriber does not hold a Redis connection. Each job stream that has subscribers is *followed* by
 one of ``READERS`` reader tasks; a reader blocks in one XREAD over all its streams (plus a wake-up
@@ -36,7 +37,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Final
 
 from shared.store import (
@@ -54,8 +55,6 @@ from shared.store import (
 from shared.store.connect import BLOCK_MS
 from shared.store.streams import Wake
 from shared.tasks import Supervised
-
-from . import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +153,13 @@ class _Follow:
         """The reader's read under way when this follow was made: that read is not for it."""
         self.subscribers: set[Subscriber] = set()
 
-    def offer(self, entry: Entry) -> None:
+    def offer(self, entry: Entry) -> int:
+        """Hand an event to every subscriber; how many got it written at once."""
         written = 0
         now = time.monotonic()
         for subscriber in self.subscribers:
             written += subscriber.offer(entry, now)
-        if written:
-            metrics.EVENTS_SENT.inc(written)  # once an event, not once a subscriber: a counter takes a lock
+        return written
 
     def stop(self, why: Entry) -> None:
         for subscriber in self.subscribers:
@@ -170,10 +169,14 @@ class _Follow:
 class _Reader:
     """One reader task: a blocked XREAD over its streams."""
 
-    def __init__(self, streams: StreamStore, wake: Wake, name: str) -> None:
+    def __init__(
+        self, streams: StreamStore, wake: Wake, name: str, sent: Callable[[int], object] | None, block_ms: int
+    ) -> None:
         self.streams = streams
         self.wake = wake
         self.name = name
+        self.sent = sent
+        self.block_ms = block_ms
         self.follows: dict[str, _Follow] = {}  # job id -> what is followed
         self.cursors: dict[str, str] = {}  # the follows' positions, as the XREAD takes them (kept, not rebuilt)
         self.reads = 0
@@ -185,7 +188,9 @@ class _Reader:
             self.reads += 1
             read = self.reads
             try:
-                found = await self.streams.follow(self.cursors, wake=self.wake, count=READ_COUNT, block_ms=BLOCK_MS)
+                found = await self.streams.follow(
+                    self.cursors, wake=self.wake, count=READ_COUNT, block_ms=self.block_ms
+                )
                 delay = 0.05
             except Unavailable as exc:
                 if self.stopping:  # redis-py may turn the cancellation of a blocked read into this
@@ -209,7 +214,12 @@ class _Reader:
 
     async def _read(self, job_id: str, follow: _Follow, raw: list[RawEntry]) -> None:
         try:
-            entries = await follow.decoder.decode(raw)
+            entries = await follow.decoder.decode(raw)  # may fetch a reference it joined too late to see
+        except Unavailable as exc:
+            # Redis went away (a failover): not this stream's fault. Its cursor stays where it was, so
+            # the next read, once Redis is back, brings these entries again.
+            logger.warning("fan-out %s: Redis away while decoding job %s (%s); read again", self.name, job_id, exc)
+            return
         except Exception:
             logger.exception(
                 "fan-out %s: job %s's entries cannot be read; its subscribers are ended", self.name, job_id
@@ -221,11 +231,14 @@ class _Reader:
         if self.follows.get(job_id) is not follow:
             return  # its subscribers left while we decoded; a newer follow reads from its own cursor
         follow.cursor = self.cursors[follow.handle] = entries[-1].id
+        written = 0
         for entry in entries:
-            follow.offer(entry)
+            written += follow.offer(entry)
             if entry.terminal:
                 self.forget(job_id, follow)
-                return
+                break
+        if written and self.sent is not None:
+            self.sent(written)  # once a batch, not once a subscriber: a metric's counter takes a lock
 
     async def _isolate(self) -> None:
         """After a shared read failed for a reason other than the connection: read each stream on its
@@ -264,18 +277,31 @@ class _Reader:
 
 
 class FanOut:
-    """The gateway's shared readers.
+    """A process's shared readers.
 
     :param streams: the stream store the readers' blocked XREADs use (one connection per reader).
     :param readers: how many reader tasks (and blocked connections).
     :param ping_interval: seconds of silence after which a subscriber gets a ping.
+    :param sent: called with how many events the readers wrote to subscribers directly (a metric).
+    :param block_ms: the longest a read waits. A stream that joins wakes its reader with a write,
+        which Redis refuses when it is full: then the stream is read from the next read on.
     """
 
-    def __init__(self, streams: StreamStore, *, readers: int = READERS, ping_interval: float = 15.0) -> None:
+    def __init__(
+        self,
+        streams: StreamStore,
+        *,
+        readers: int = READERS,
+        ping_interval: float = 15.0,
+        sent: Callable[[int], object] | None = None,
+        block_ms: int = BLOCK_MS,
+    ) -> None:
         self.streams = streams
         self.ping_interval = ping_interval
         name = uuid.uuid4().hex
-        self._readers = [_Reader(streams, streams.waker(name, i), f"reader {i}") for i in range(readers)]
+        self._readers = [
+            _Reader(streams, streams.waker(name, i), f"reader {i}", sent, block_ms) for i in range(readers)
+        ]
         self.tasks = Supervised()
         """The readers and the pinger: restarted if they die, reported by ``/healthz``."""
 
@@ -316,8 +342,10 @@ class FanOut:
 
     async def events(
         self, job_id: str, *, after: str = "0", direct: Direct | None = None
-    ) -> AsyncIterator[Entry | None]:
+    ) -> AsyncGenerator[Entry | None, None]:
         """The job's events after ``after``, live, until the terminal one; ``None`` for a ping.
+        ``after`` is before the stream's end: a caller resuming a stream checks that first
+        (``StreamStore.ended_at``), or it waits until the stream expires.
 
         :param direct: how to write an event to this subscriber at once. Whenever the subscriber is
             caught up (nothing queued), the reader uses it instead of the queue, and the events it
@@ -329,10 +357,6 @@ class FanOut:
         when its entries could not be read.
         """
         after = format_id(parse_cursor(after))  # a cursor Redis would refuse never reaches a shared read
-        if after != "0-0":
-            ended = await self.streams.ended_at(job_id)
-            if ended is not None and parse_id(ended) <= parse_id(after):
-                return  # resumed at or after the end: there is nothing more to wait for
         reader = self._reader_for(job_id)
         subscriber = Subscriber(job_id, parse_id(after))
         # No await from here to the registration: the reader cannot move in between.
@@ -348,7 +372,7 @@ class FanOut:
             if joined:
                 try:
                     await self.streams.wake(reader.wake, handle)
-                except StoreError as exc:  # Redis full or away: the reader's next read (<= BLOCK_MS) finds it
+                except StoreError as exc:  # Redis full or away: the reader's next read (<= block_ms) finds it
                     logger.debug("fan-out: no wake for job %s (%s)", job_id, exc)
             if parse_id(position) > subscriber.last:
                 # Catch up on our own until the follow's position, then take live events.
