@@ -89,7 +89,6 @@ def create_app(settings: Settings) -> FastAPI:
             fanout.tasks.start("fan-out gauges", lambda: metrics.observe_fanout(fanout))
             app.state.gateway = Gateway(
                 fleet=fleet,
-                fanout=fanout,
                 auth=Auth(settings),
                 settings=settings,
             )

@@ -17,9 +17,13 @@ from .auth import Auth
 @dataclass
 class Gateway:
     fleet: FleetClient
-    fanout: FanOut
     auth: Auth
     settings: Settings
+
+    @property
+    def fanout(self) -> FanOut:
+        """The client's shared readers, started with the gateway's options (``app.lifespan``)."""
+        return self.fleet.fanout
 
     async def job_for(self, request: Request, job_id: str, *, scope: str | None = None) -> str | None:
         """Check the caller may see ``job_id``; return its tenant. Another tenant's job is a 404.
